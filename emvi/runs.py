@@ -1,0 +1,215 @@
+"""Run folders: what every experiment writes, and nothing about models.
+
+A run folder holds
+
+* ``config.json``: the experiment config, git SHA, library versions and JAX backend;
+* ``metrics.jsonl``: one JSON object per log call, line-buffered so a crash loses at most
+  the line being written;
+* ``results.json``: the final numbers, written atomically (temp file, then rename);
+* ``checkpoints/``: orbax checkpoints (see ``emvi.train``);
+* figures as PNG, remade from the files above by the plotting code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+_LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "distrax",
+    "chex",
+    "orbax-checkpoint",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+)
+
+
+def git_sha(path: str | os.PathLike | None = None) -> str | None:
+    """Returns the git commit of the source tree (with ``-dirty`` if modified), or None."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict:
+    """Library versions, Python, platform and the JAX backend and devices."""
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_sha": git_sha(),
+    }
+    try:
+        import jax
+
+        info["backend"] = jax.default_backend()
+        info["devices"] = [str(d) for d in jax.devices()]
+        info["x64"] = bool(jax.config.read("jax_enable_x64"))
+    except Exception as err:  # pragma: no cover - jax is a hard dependency
+        info["backend"] = f"unavailable: {err}"
+    return info
+
+
+def to_jsonable(obj):
+    """Converts configs, arrays and NumPy scalars into plain JSON values.
+
+    Non-finite floats become the strings "nan", "inf", "-inf" so the file stays valid JSON.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
+        return {k: to_jsonable(v) for k, v in obj._asdict().items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.item() if arr.ndim == 0 else arr.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomically writes ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def prepare_workdir(
+    workdir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False
+) -> Path:
+    """Creates a run folder, refusing to clobber an existing non-empty one.
+
+    Args:
+      workdir: the run folder.
+      overwrite: delete an existing folder first.
+      resume: keep an existing folder (for runs that resume from checkpoints).
+
+    Raises:
+      ValueError: if the folder exists, is not empty, and neither flag was given.
+    """
+    path = Path(workdir)
+    if overwrite and resume:
+        raise ValueError("Pass at most one of overwrite and resume.")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir {path} exists and is not a directory.")
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        elif not resume:
+            raise ValueError(
+                f"workdir {path} already holds a run; pass --overwrite to replace it"
+                " (or --resume where the experiment supports it)."
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(workdir: str | os.PathLike, config) -> dict:
+    """Writes ``config.json``: the config plus git SHA, versions and backend."""
+    record = {"config": to_jsonable(config), "environment": environment_info()}
+    record["environment"]["command"] = sys.argv
+    record["environment"]["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(Path(workdir) / "config.json", record)
+    return record
+
+
+class MetricsLog:
+    """Appends one JSON object per ``write`` call to ``metrics.jsonl`` (line-buffered).
+
+    Example:
+      >>> with MetricsLog(workdir) as log:  # doctest: +SKIP
+      ...     log.write(step=10, loss=1.5)
+    """
+
+    def __init__(self, workdir: str | os.PathLike, name: str = "metrics.jsonl"):
+        self.path = Path(workdir) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def write(self, **row) -> None:
+        self._f.write(json.dumps(to_jsonable(row)) + "\n")
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(workdir: str | os.PathLike, name: str = "metrics.jsonl") -> list[dict]:
+    """Reads ``metrics.jsonl`` back, skipping a torn final line left by a crash."""
+    rows = []
+    path = Path(workdir) / name
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,22 @@
+"""The strict-numerics settings of conftest are in force."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def test_x64_enabled():
+    assert jnp.zeros(1).dtype == jnp.float64
+
+
+def test_rank_promotion_raises():
+    with pytest.raises(ValueError):
+        jnp.ones((2, 3)) + jnp.ones(3)
+
+
+def test_jaxtyping_checks_shapes():
+    from emvi.elbo import discrete_elbo
+
+    with pytest.raises(Exception):  # noqa: B017 - jaxtyping raises its own error type
+        discrete_elbo(jnp.zeros((3, 2)), jnp.zeros((4, 2)))
+    assert jax.default_backend() in {"cpu", "gpu", "tpu"}
