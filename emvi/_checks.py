@@ -17,9 +17,7 @@ def as_data_matrix(x, *, name: str = "x", min_rows: int = 1) -> np.ndarray:
     except Exception as err:  # pragma: no cover - exotic inputs
         raise ValueError(f"{name} could not be converted to an array: {err}") from err
     if arr.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D with shape (num_points, dim); got shape {arr.shape}."
-        )
+        raise ValueError(f"{name} must be 2-D with shape (num_points, dim); got shape {arr.shape}.")
     if not np.issubdtype(arr.dtype, np.floating):
         if np.issubdtype(arr.dtype, np.number) or arr.dtype == bool:
             arr = arr.astype(np.float32)

@@ -24,9 +24,7 @@ def _xlogy_ratio(probs: Array, log_probs_q: Array, log_probs_p: Array) -> Array:
     return jnp.where(probs > 0, probs * safe, 0.0)
 
 
-def discrete_elbo(
-    log_joint: Float[Array, "n k"], probs: Float[Array, "n k"]
-) -> Float[Array, " n"]:
+def discrete_elbo(log_joint: Float[Array, "n k"], probs: Float[Array, "n k"]) -> Float[Array, " n"]:
     r"""Per-example ELBO for a finite latent variable.
 
     .. math::

@@ -185,7 +185,7 @@ class MetricsLog:
     def __init__(self, workdir: str | os.PathLike, name: str = "metrics.jsonl"):
         self.path = Path(workdir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._f = open(self.path, "a", buffering=1)
 
     def write(self, **row) -> None:
         self._f.write(json.dumps(to_jsonable(row)) + "\n")
