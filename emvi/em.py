@@ -1,0 +1,365 @@
+r"""One EM driver for every model with an exact posterior.
+
+EM is coordinate ascent on the ELBO. For data :math:`x_{1:n}` with weights :math:`w_i`,
+
+.. math::
+    \sum_i w_i \log p_\theta(x_i) = \sum_i w_i \big(\mathrm{ELBO}_i(q_i, \theta)
+        + \mathrm{KL}(q_i \,\|\, p_\theta(z \mid x_i))\big).
+
+* **E-step**: :math:`q_i \leftarrow p_{\theta_t}(z \mid x_i)`; the KL vanishes and the bound
+  touches the log-likelihood.
+* **M-step**: :math:`\theta_{t+1} = \arg\max_\theta \sum_i w_i E_{q_i}[\log p_\theta(x_i, z)]`,
+  which only needs the *expected sufficient statistics* :math:`\sum_i w_i E_{q_i}[T(x_i, z)]`.
+
+So a model is a handful of pure functions (an :class:`ExactModel`): the E-step returns the
+statistics *summed over the data* together with the weighted log-likelihood, which makes
+chunking, streaming and ``psum`` across devices a matter of adding statistics; the M-step
+maps summed statistics to parameters in closed form. Each full iteration never lowers the
+log-likelihood (the M-step raises the bound, which equals the likelihood at the old
+parameters and lies below it everywhere else).
+
+The driver follows scikit-learn's stopping rule: iteration ``t`` records the mean
+log-likelihood of the parameters it starts from, and the loop stops once two consecutive
+records differ by less than ``tol`` (``tol=0`` runs exactly ``max_iter`` iterations).
+
+Shape letters: ``n`` data points, ``t`` iterations, ``r`` restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+PyTree = Any
+
+
+class ExactModel(NamedTuple):
+    """A latent-variable model with a tractable posterior, as pure functions.
+
+    The tuple is hashable (it holds only functions), so it is passed to jitted drivers as a
+    static argument; every array-valued hyperparameter travels in ``hyper`` instead.
+
+    Attributes:
+      e_step: ``(params, data, weights) -> (stats, log_lik_sum)``. ``stats`` is a pytree of
+        expected sufficient statistics summed over the data with ``weights`` (n,);
+        ``log_lik_sum`` is :math:`\\sum_i w_i \\log p(x_i)` at ``params``.
+      m_step: ``(stats, hyper) -> params``, the closed-form maximiser of the expected
+        complete-data log-likelihood (plus log-prior for MAP-EM).
+      log_prob: ``(params, data) -> (n,)``, :math:`\\log p(x_i)`.
+      posterior: ``(params, data) -> q``, the exact posterior of each example (a pytree whose
+        leaves have leading axis ``n``).
+      elbo: ``(params, q, data) -> (n,)``, the ELBO of ``q`` under ``params``.
+      prepare: optional ``x -> data``, run once before the loop (for example to centre the
+        data or precompute outer products); ``data`` is a pytree with leading axis ``n``.
+    """
+
+    e_step: Callable[..., tuple[PyTree, Array]]
+    m_step: Callable[..., PyTree]
+    log_prob: Callable[..., Array]
+    posterior: Callable[..., PyTree]
+    elbo: Callable[..., Array]
+    prepare: Callable[..., PyTree] | None = None
+
+
+class EMState(NamedTuple):
+    """Loop state of :func:`em_init` / :func:`em_step`."""
+
+    params: PyTree
+    log_likelihood: Float[Array, ""]  # mean log-lik recorded by the last step (-inf at start)
+    iteration: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+class EMInfo(NamedTuple):
+    """Diagnostics of one EM iteration (never fed back into the state)."""
+
+    log_likelihood: Float[Array, ""]  # mean log-lik at the parameters the step started from
+    change: Float[Array, ""]
+
+
+class EMResult(NamedTuple):
+    """What :func:`run_em` returns.
+
+    Attributes:
+      params: the parameters after the last M-step.
+      log_likelihood: mean (weighted) log-likelihood *of the returned params*, computed by one
+        extra pass after the loop (scikit-learn's ``lower_bound_`` is instead the value at the
+        parameters before the last M-step, that is ``history[num_iter - 1]``).
+      history: (max_iter,) mean log-likelihood at the start of each iteration; entries at and
+        beyond ``num_iter`` are NaN because those iterations never ran.
+      num_iter: iterations run (each one E-step and one M-step).
+      converged: whether the stopping rule fired before ``max_iter``.
+    """
+
+    params: PyTree
+    log_likelihood: Float[Array, ""]
+    history: Float[Array, " t"]
+    num_iter: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def _leading_dim(data: PyTree) -> int:
+    return jax.tree_util.tree_leaves(data)[0].shape[0]
+
+
+def chunked_e_step(
+    model: ExactModel,
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"],
+    *,
+    chunk_size: int | None = None,
+) -> tuple[PyTree, Float[Array, ""]]:
+    """Runs ``model.e_step`` over chunks of the data and sums the statistics.
+
+    Because statistics are sums over examples, the result equals the one-shot E-step up to
+    floating-point reassociation, while only ``chunk_size`` examples are in memory at once.
+    Padding rows carry weight 0. The data's padding rows are copies of its first row, so the
+    model is never evaluated on made-up values.
+    """
+    n = _leading_dim(data)
+    if chunk_size is None or chunk_size >= n:
+        return model.e_step(params, data, weights)
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+
+    def pad_and_split(leaf, zero_fill=False):
+        if pad:
+            filler = jnp.broadcast_to(leaf[:1], (pad, *leaf.shape[1:]))
+            if zero_fill:
+                filler = jnp.zeros_like(filler)
+            leaf = jnp.concatenate([leaf, filler], axis=0)
+        return leaf.reshape(num_chunks, chunk_size, *leaf.shape[1:])
+
+    chunks = jax.tree_util.tree_map(pad_and_split, data)
+    w = pad_and_split(weights, zero_fill=True)
+
+    first_stats, first_ll = model.e_step(
+        params, jax.tree_util.tree_map(lambda c: c[0], chunks), w[0]
+    )
+
+    def body(carry, chunk):
+        stats, ll = carry
+        chunk_data, chunk_w = chunk
+        s, l_ = model.e_step(params, chunk_data, chunk_w)
+        return (jax.tree_util.tree_map(jnp.add, stats, s), ll + l_), None
+
+    rest = jax.tree_util.tree_map(lambda c: c[1:], (chunks, w))
+    (stats, ll), _ = lax.scan(body, (first_stats, first_ll), rest)
+    return stats, ll
+
+
+def em_init(params: PyTree) -> EMState:
+    """The state before the first iteration."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    return EMState(
+        params=params,
+        log_likelihood=jnp.array(-jnp.inf, dtype),
+        iteration=jnp.array(0, jnp.int32),
+        converged=jnp.array(False),
+    )
+
+
+def em_step(
+    model: ExactModel,
+    state: EMState,
+    data: PyTree,
+    weights: Float[Array, " n"],
+    *,
+    tol: float | Array = 0.0,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> tuple[EMState, EMInfo]:
+    """One EM iteration: exact E-step (expected statistics), then closed-form M-step."""
+    stats, ll_sum = chunked_e_step(model, state.params, data, weights, chunk_size=chunk_size)
+    ll = (ll_sum / jnp.sum(weights)).astype(state.log_likelihood.dtype)
+    new_params = model.m_step(stats, hyper)
+    change = ll - state.log_likelihood
+    converged = jnp.abs(change) < tol
+    new_state = EMState(new_params, ll, state.iteration + 1, converged)
+    return new_state, EMInfo(ll, change)
+
+
+def mean_log_prob(
+    model: ExactModel, params: PyTree, data: PyTree, weights: Float[Array, " n"]
+) -> Float[Array, ""]:
+    """Weighted mean log-likelihood :math:`\\sum_i w_i \\log p(x_i) / \\sum_i w_i`."""
+    return jnp.sum(weights * model.log_prob(params, data)) / jnp.sum(weights)
+
+
+def run_em(
+    model: ExactModel,
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"] | None = None,
+    *,
+    max_iter: int,
+    tol: float | Array = 1e-3,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> EMResult:
+    """Runs EM to convergence on device (``lax.while_loop``); jit- and vmap-able.
+
+    ``data`` is what ``model.prepare`` returns (or ``x`` itself when the model has none);
+    :func:`fit_em` calls ``prepare`` for you.
+
+    Args:
+      model: the model's pure functions (static).
+      params: initial parameters.
+      data: pytree with leading axis ``n``.
+      weights: per-example weights (n,), ones if None.
+      max_iter: the most iterations to run (static).
+      tol: stop when the mean log-likelihood changes by less than this between iterations.
+      hyper: array-valued hyperparameters passed to ``model.m_step`` (priors, ``reg_covar``).
+      chunk_size: run the E-step over chunks of this many examples (static).
+
+    Returns:
+      An :class:`EMResult`.
+    """
+    n = _leading_dim(data)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if weights is None:
+        weights = jnp.ones(n, dtype)
+    history0 = jnp.full((max_iter,), jnp.nan, dtype)
+
+    def cond(carry):
+        state, _ = carry
+        return (state.iteration < max_iter) & ~state.converged
+
+    def body(carry):
+        state, history = carry
+        new_state, info = em_step(
+            model, state, data, weights, tol=tol, hyper=hyper, chunk_size=chunk_size
+        )
+        history = history.at[state.iteration].set(info.log_likelihood)
+        return new_state, history
+
+    state, history = lax.while_loop(cond, body, (em_init(params), history0))
+    final_ll = mean_log_prob(model, state.params, data, weights)
+    return EMResult(state.params, final_ll, history, state.iteration, state.converged)
+
+
+def select_best(results: EMResult) -> tuple[EMResult, Int[Array, ""]]:
+    """Picks the restart with the highest final log-likelihood (NaN counts as -inf)."""
+    ll = jnp.where(jnp.isnan(results.log_likelihood), -jnp.inf, results.log_likelihood)
+    best = jnp.argmax(ll)
+    return jax.tree_util.tree_map(lambda leaf: leaf[best], results), best
+
+
+def run_em_restarts(
+    model: ExactModel,
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"] | None = None,
+    *,
+    max_iter: int,
+    tol: float | Array = 1e-3,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> tuple[EMResult, EMResult]:
+    """Runs a batch of initialisations (leading axis ``r`` of ``params``) as one vmapped
+    program and returns ``(best, all_results)``."""
+    batched = jax.vmap(
+        lambda p: run_em(
+            model,
+            p,
+            data,
+            weights,
+            max_iter=max_iter,
+            tol=tol,
+            hyper=hyper,
+            chunk_size=chunk_size,
+        )
+    )(params)
+    best, _ = select_best(batched)
+    return best, batched
+
+
+class EMTrace(NamedTuple):
+    """Log-likelihood and ELBO after every half-step of EM (all means per example).
+
+    Row ``t`` holds ``[after E-step t, after M-step t]``:
+
+    * after the E-step, ``q_t = p(z | x, theta_t)``: ``elbo == log_likelihood`` (tight bound)
+      and ``kl == 0``;
+    * after the M-step, ``theta_{t+1}`` with ``q_t`` kept: the ELBO has risen, and the
+      log-likelihood has risen by at least as much, because ``kl = KL(q_t || p(z|x,
+      theta_{t+1})) >= 0`` opened up.
+    """
+
+    log_likelihood: Float[Array, "t 2"]
+    elbo: Float[Array, "t 2"]
+    kl: Float[Array, "t 2"]
+    params: PyTree
+
+
+def em_trace(
+    model: ExactModel,
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"] | None = None,
+    *,
+    num_iter: int,
+    hyper: PyTree = None,
+) -> EMTrace:
+    """Runs ``num_iter`` EM iterations, recording both half-steps (``lax.scan``)."""
+    n = _leading_dim(data)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if weights is None:
+        weights = jnp.ones(n, dtype)
+    wsum = jnp.sum(weights)
+
+    def wmean(v):
+        return jnp.sum(weights * v) / wsum
+
+    def body(theta, _):
+        q = model.posterior(theta, data)
+        ll_e = wmean(model.log_prob(theta, data))
+        elbo_e = wmean(model.elbo(theta, q, data))
+        stats, _ = model.e_step(theta, data, weights)
+        new_theta = model.m_step(stats, hyper)
+        ll_m = wmean(model.log_prob(new_theta, data))
+        elbo_m = wmean(model.elbo(new_theta, q, data))
+        ll = jnp.stack([ll_e, ll_m])
+        elbo = jnp.stack([elbo_e, elbo_m])
+        return new_theta, (ll, elbo)
+
+    final, (ll, elbo) = lax.scan(body, params, None, length=num_iter)
+    return EMTrace(ll, elbo, ll - elbo, final)
+
+
+def fit_em(
+    model: ExactModel,
+    params: PyTree,
+    x: PyTree,
+    weights: Float[Array, " n"] | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> EMResult:
+    """Convenience wrapper: ``prepare`` the data, then jit and run :func:`run_em`.
+
+    A batch of initialisations (``params`` with a leading restart axis) is not handled
+    here; use :func:`run_em_restarts`.
+    """
+    data = model.prepare(x) if model.prepare is not None else x
+    return _run_em_jit(
+        model,
+        params,
+        data,
+        weights,
+        max_iter=max_iter,
+        tol=tol,
+        hyper=hyper,
+        chunk_size=chunk_size,
+    )
+
+
+_run_em_jit = jax.jit(run_em, static_argnames=("model", "max_iter", "chunk_size"))
