@@ -56,6 +56,11 @@ class ExactModel(NamedTuple):
       elbo: ``(params, q, data) -> (n,)``, the ELBO of ``q`` under ``params``.
       prepare: optional ``x -> data``, run once before the loop (for example to centre the
         data or precompute outer products); ``data`` is a pytree with leading axis ``n``.
+      expected_stats: optional ``(q, data, weights) -> stats``, the statistics that
+        ``e_step`` would return for an *arbitrary* q (same layout as ``posterior``'s output).
+        With it, any q (an amortized encoder's, say) can drive the closed-form M-step:
+        ``m_step(expected_stats(q, data, w), hyper)``. ``e_step(params, data, w)`` must
+        equal ``expected_stats(posterior(params, data), data, w)`` plus the log-likelihood.
     """
 
     e_step: Callable[..., tuple[PyTree, Array]]
@@ -64,6 +69,7 @@ class ExactModel(NamedTuple):
     posterior: Callable[..., PyTree]
     elbo: Callable[..., Array]
     prepare: Callable[..., PyTree] | None = None
+    expected_stats: Callable[..., PyTree] | None = None
 
 
 class EMState(NamedTuple):

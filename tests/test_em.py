@@ -38,6 +38,7 @@ TOY = em.ExactModel(
     log_prob=lambda p, x: jax.scipy.special.logsumexp(_log_joint(p, x), axis=1),
     posterior=lambda p, x: jax.nn.softmax(_log_joint(p, x), axis=1),
     elbo=lambda p, q, x: discrete_elbo(_log_joint(p, x), q),
+    expected_stats=lambda q, x, w: (jnp.sum(q * w[:, None], axis=0), (q * w[:, None]).T @ x),
 )
 
 
@@ -159,3 +160,12 @@ def test_float32_stays_float32():
     res = em.fit_em(TOY, p, x, max_iter=10, tol=0.0)
     assert res.params[1].dtype == jnp.float32 and res.history.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(res.history)))
+
+
+def test_expected_stats_of_the_posterior_equal_the_e_step():
+    x = _data(9)
+    w = jnp.asarray(np.random.default_rng(9).uniform(0, 2, x.shape[0]))
+    stats, _ = TOY.e_step(P0, x, w)
+    again = TOY.expected_stats(TOY.posterior(P0, x), x, w)
+    for a, b in zip(stats, again, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
