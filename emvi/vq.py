@@ -1,0 +1,326 @@
+r"""Vector quantisation (VQ-VAE, van den Oord et al., 2017): discrete codes for an autoencoder.
+
+A deterministic encoder gives :math:`z_e(x)`; the posterior is a point mass on the nearest
+codebook vector :math:`e_k`, :math:`k = \arg\min_j \|z_e - e_j\|^2`. With a uniform prior over
+the m codes the KL term of the ELBO is the constant :math:`\log m`, so training reduces to
+reconstruction plus two terms that keep encoder outputs and codes close:
+
+.. math::
+    \mathcal{L} = -\log p(x | z_q) + \|\mathrm{sg}[z_e] - e\|^2 + \beta \|z_e - \mathrm{sg}[e]\|^2.
+
+Seen from EM: the nearest-code assignment is a *hard E-step*, and moving each code to the
+mean of the encoder outputs assigned to it is the *M-step* of k-means. :func:`ema_update`
+does exactly that with exponential moving averages (online k-means).
+
+Shape letters: ``n`` encoder outputs (vectors to quantise), ``l`` code dimension, ``m``
+codebook size.
+
+Example:
+  >>> codebook = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+  >>> z_q, idx, _ = quantize(jnp.array([[0.9, 0.8], [0.1, -0.2]]), codebook)
+  >>> idx.tolist()
+  [1, 0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from emvi import _checks
+from emvi.mmd import pairwise_sq_distances
+
+
+def _check_codebook(codebook: Array, z_e: Array | None = None) -> None:
+    if codebook.ndim != 2:
+        raise ValueError(f"codebook must be 2-D (num_codes, code_dim); got shape {codebook.shape}.")
+    if codebook.shape[0] < 1:
+        raise ValueError("The codebook needs at least one code; got an empty codebook.")
+    if z_e is not None and z_e.shape[-1] != codebook.shape[1]:
+        raise ValueError(
+            f"Encoder outputs have dimension {z_e.shape[-1]} but codes have dimension "
+            f"{codebook.shape[1]}."
+        )
+
+
+def quantize(
+    z_e: Float[Array, "n l"], codebook: Float[Array, "m l"]
+) -> tuple[Float[Array, "n l"], Int[Array, " n"], Float[Array, "n m"]]:
+    r"""Nearest-code quantisation (the hard E-step).
+
+    Distances use :math:`\|z\|^2 - 2 z \cdot e + \|e\|^2` (one matrix product, clipped at 0),
+    then argmin; ties go to the lowest index.
+
+    Args:
+      z_e: encoder outputs, shape (n, l).
+      codebook: the codes, shape (m, l), m >= 1.
+
+    Returns:
+      ``(z_q, indices, distances)``: the chosen codes (n, l), their indices (n,) and all
+      squared distances (n, m).
+
+    Raises:
+      ValueError: for an empty codebook or mismatched code dimension (shapes are static, so
+        this is checked under ``jit`` too).
+    """
+    _check_codebook(codebook, z_e)
+    distances = pairwise_sq_distances(z_e, codebook)
+    indices = jnp.argmin(distances, axis=-1)
+    z_q = jnp.take(codebook, indices, axis=0)
+    return z_q, indices, distances
+
+
+def straight_through(z_e: Float[Array, "*b l"], z_q: Float[Array, "*b l"]) -> Float[Array, "*b l"]:
+    r"""Straight-through estimator :math:`z_e + \mathrm{sg}[z_q - z_e]`.
+
+    The value is :math:`z_q`; the Jacobian with respect to :math:`z_e` is the identity, so the
+    decoder's gradient is copied through the non-differentiable argmin to the encoder.
+    """
+    chex.assert_equal_shape([z_e, z_q])
+    return z_e + jax.lax.stop_gradient(z_q - z_e)
+
+
+class VQLossTerms(NamedTuple):
+    """The two auxiliary VQ-VAE losses (scalars) and their weighted sum."""
+
+    codebook: Array  # ||sg[z_e] - e||^2: moves the codes only
+    commitment: Array  # ||z_e - sg[e]||^2: moves the encoder only
+    total: Array  # codebook + beta * commitment
+
+
+def vq_loss_terms(
+    z_e: Float[Array, "n l"], codebook: Float[Array, "m l"], *, beta: float = 0.25
+) -> VQLossTerms:
+    r"""Codebook and commitment losses of VQ-VAE.
+
+    .. math::
+        \mathcal{L}_{\mathrm{code}} = \frac{1}{n} \sum_i \|\mathrm{sg}[z_{e,i}] - e_{k_i}\|^2,
+        \qquad
+        \mathcal{L}_{\mathrm{commit}} = \frac{1}{n} \sum_i \|z_{e,i} - \mathrm{sg}[e_{k_i}]\|^2,
+
+    with :math:`k_i` the nearest code. Reduction: the squared distance is **summed** over
+    the l code dimensions and **averaged** over the n vectors, so the terms are on the scale
+    of one vector's squared error (the reference implementations average over all n*l
+    entries instead, which is this divided by l). Both terms have the same value; they
+    differ only in where the gradient goes.
+
+    Args:
+      z_e: encoder outputs, shape (n, l).
+      codebook: the codes, shape (m, l).
+      beta: commitment weight (0.25 in the paper), >= 0.
+
+    Returns:
+      :class:`VQLossTerms` with ``total = codebook + beta * commitment``.
+    """
+    if not isinstance(beta, jax.core.Tracer):
+        _checks.check_nonnegative(beta, name="beta")
+    z_q, _, _ = quantize(z_e, codebook)
+    codebook_term = jnp.mean(jnp.sum((jax.lax.stop_gradient(z_e) - z_q) ** 2, axis=-1))
+    commitment = jnp.mean(jnp.sum((z_e - jax.lax.stop_gradient(z_q)) ** 2, axis=-1))
+    return VQLossTerms(codebook_term, commitment, codebook_term + beta * commitment)
+
+
+class EMAState(NamedTuple):
+    """Running statistics of the EMA codebook (the "vq_stats" collection)."""
+
+    cluster_size: Float[Array, " m"]  # EMA of how many vectors each code received
+    embed_sum: Float[Array, "m l"]  # EMA of the sum of those vectors
+    codebook: Float[Array, "m l"]  # embed_sum / smoothed cluster_size
+
+
+def ema_init(codebook: Float[Array, "m l"]) -> EMAState:
+    """EMA state consistent with ``codebook``: each code counts as one vector equal to itself."""
+    _check_codebook(codebook)
+    return EMAState(jnp.ones(codebook.shape[:1], codebook.dtype), codebook, codebook)
+
+
+def ema_update(
+    state: EMAState,
+    z_e: Float[Array, "n l"],
+    indices: Int[Array, " n"],
+    *,
+    decay: float,
+    eps: float,
+) -> EMAState:
+    r"""One online k-means step on the codebook: hard EM with exponential moving averages.
+
+    Given hard assignments (the hard E-step: each vector goes to its nearest code, e.g.
+    ``indices`` from :func:`quantize`), the M-step moves every code to the mean of the
+    vectors assigned to it. Here counts and sums are exponential moving averages over
+    batches,
+
+    .. math::
+        N_j \leftarrow \gamma N_j + (1 - \gamma) n_j, \quad
+        S_j \leftarrow \gamma S_j + (1 - \gamma) \textstyle\sum_{i: k_i = j} z_{e,i}, \quad
+        e_j = S_j / \tilde N_j,
+
+    with Laplace-smoothed counts :math:`\tilde N_j = (N_j + \epsilon) N / (N + m \epsilon)`,
+    :math:`N = \sum_j N_j`, which keep rarely used codes from dividing by zero. With
+    ``decay=0`` and ``eps=0`` this is exactly one Lloyd (k-means) update. A code whose
+    smoothed count is zero (possible only with ``eps=0``) keeps its old value, the usual
+    k-means convention for an empty cluster.
+
+    Args:
+      state: the current :class:`EMAState`.
+      z_e: the batch of encoder outputs, shape (n, l).
+      indices: their code assignments, shape (n,), in [0, m).
+      decay: gamma in [0, 1) (0.99 typical).
+      eps: Laplace smoothing constant, >= 0 (1e-5 typical).
+
+    Returns:
+      The new :class:`EMAState`.
+    """
+    if not isinstance(decay, jax.core.Tracer):
+        d = _checks.check_nonnegative(decay, name="decay")
+        if d >= 1.0:
+            raise ValueError(f"decay must be in [0, 1); got {decay!r}.")
+    if not isinstance(eps, jax.core.Tracer):
+        _checks.check_nonnegative(eps, name="eps")
+    _check_codebook(state.codebook, z_e)
+    chex.assert_shape(indices, z_e.shape[:1])
+    m = state.codebook.shape[0]
+    one_hot = jax.nn.one_hot(indices, m, dtype=z_e.dtype)  # (n, m)
+    counts = jnp.sum(one_hot, axis=0)
+    sums = one_hot.T @ z_e
+    cluster_size = decay * state.cluster_size + (1.0 - decay) * counts
+    embed_sum = decay * state.embed_sum + (1.0 - decay) * sums
+    total = jnp.sum(cluster_size)
+    smoothed = (cluster_size + eps) / (total + m * eps) * total
+    safe = jnp.where(smoothed > 0, smoothed, 1.0)
+    codebook = jnp.where((smoothed > 0)[:, None], embed_sum / safe[:, None], state.codebook)
+    return EMAState(cluster_size, embed_sum, codebook)
+
+
+def code_usage(indices: Int[Array, " n"], m: int) -> Float[Array, " m"]:
+    """How many of the n vectors each of the m codes received (as floats)."""
+    _checks.check_positive_int(m, name="codebook size m")
+    return jnp.sum(jax.nn.one_hot(indices, m), axis=0)
+
+
+def codebook_perplexity(indices: Int[Array, " n"], m: int) -> Float[Array, ""]:
+    r"""Perplexity of code usage, :math:`\exp(-\sum_j p_j \log p_j)`, p the usage frequencies.
+
+    m when all codes are used equally, 1 when a single code is used.
+    """
+    counts = code_usage(indices, m)
+    p = counts / jnp.sum(counts)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return jnp.exp(entropy)
+
+
+def dead_codes(indices: Int[Array, " n"], m: int) -> Int[Array, ""]:
+    """Number of codes that none of the vectors was assigned to."""
+    return jnp.sum(code_usage(indices, m) == 0).astype(jnp.int32)
+
+
+def restart_dead_codes(
+    key: Array,
+    codebook: Float[Array, "m l"],
+    usage_counts: Float[Array, " m"],
+    z_e: Float[Array, "n l"],
+    *,
+    threshold: float = 1.0,
+) -> Float[Array, "m l"]:
+    """Replaces codes used fewer than ``threshold`` times by randomly chosen encoder outputs.
+
+    A dead code gets no gradient from the codebook loss and no EMA update, so it stays dead;
+    moving it onto the data (as in Jukebox / many VQ-VAE codebases) gives it a chance.
+    Encoder outputs are drawn without replacement when n >= m.
+
+    Args:
+      key: a PRNG key.
+      codebook: shape (m, l).
+      usage_counts: per-code usage (counts, or EMA cluster sizes), shape (m,).
+      z_e: encoder outputs to draw from, shape (n, l).
+      threshold: codes with ``usage_counts < threshold`` are restarted (1.0: unused codes).
+
+    Returns:
+      The new codebook, shape (m, l); live codes are unchanged.
+    """
+    _check_codebook(codebook, z_e)
+    chex.assert_shape(usage_counts, codebook.shape[:1])
+    n, m = z_e.shape[0], codebook.shape[0]
+    picks = jax.random.choice(key, n, (m,), replace=n < m)
+    dead = usage_counts < threshold
+    return jnp.where(dead[:, None], z_e[picks].astype(codebook.dtype), codebook)
+
+
+class VectorQuantizer(nn.Module):
+    """A VQ layer: quantise, straight-through, and report losses and usage.
+
+    With ``ema=False`` the codebook is the parameter ``"codebook"`` trained by the codebook
+    loss; the returned ``loss`` is ``codebook + beta * commitment``. With ``ema=True`` the
+    codebook lives in the mutable collection ``"vq_stats"`` (an :class:`EMAState`, updated by
+    :func:`ema_update` when ``train=True`` and the collection is mutable) and ``loss`` is
+    ``beta * commitment`` only.
+
+    Attributes:
+      num_codes: m >= 1.
+      code_dim: l.
+      beta: commitment weight.
+      ema: use the EMA (online k-means) codebook.
+      decay, eps: EMA decay and Laplace smoothing.
+      codebook_init: initializer for the (m, l) codebook.
+
+    Example:
+      >>> vq = VectorQuantizer(num_codes=8, code_dim=2)
+      >>> z = jnp.ones((5, 2))
+      >>> variables = vq.init(jax.random.key(0), z)
+      >>> z_q, aux = vq.apply(variables, z)
+      >>> sorted(aux)
+      ['codebook_loss', 'commitment', 'dead_codes', 'indices', 'loss', 'perplexity']
+    """
+
+    num_codes: int
+    code_dim: int
+    beta: float = 0.25
+    ema: bool = False
+    decay: float = 0.99
+    eps: float = 1e-5
+    codebook_init: Callable[..., Any] = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+    @nn.compact
+    def __call__(
+        self, z_e: Float[Array, "n l"], *, train: bool = True
+    ) -> tuple[Float[Array, "n l"], dict]:
+        _checks.check_positive_int(self.num_codes, name="num_codes (codebook size)")
+        _checks.check_positive_int(self.code_dim, name="code_dim")
+        shape = (self.num_codes, self.code_dim)
+        if self.ema:
+            stats = self.variable(
+                "vq_stats",
+                "ema",
+                lambda: ema_init(self.codebook_init(self.make_rng("params"), shape, z_e.dtype)),
+            )
+            codebook = stats.value.codebook
+        else:
+            codebook = self.param("codebook", self.codebook_init, shape, z_e.dtype)
+        z_q, indices, _ = quantize(z_e, codebook)
+        terms = vq_loss_terms(z_e, codebook, beta=self.beta)
+        if self.ema:
+            loss = self.beta * terms.commitment
+            if train and self.is_mutable_collection("vq_stats") and not self.is_initializing():
+                stats.value = ema_update(
+                    stats.value,
+                    jax.lax.stop_gradient(z_e),
+                    indices,
+                    decay=self.decay,
+                    eps=self.eps,
+                )
+        else:
+            loss = terms.total
+        aux = {
+            "indices": indices,
+            "loss": loss,
+            "codebook_loss": terms.codebook,
+            "commitment": terms.commitment,
+            "perplexity": codebook_perplexity(indices, self.num_codes),
+            "dead_codes": dead_codes(indices, self.num_codes),
+        }
+        return straight_through(z_e, z_q), aux

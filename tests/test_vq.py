@@ -1,0 +1,212 @@
+"""Vector quantisation: nearest codes, gradients, the EMA codebook as k-means, usage metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from emvi import vq
+
+
+def _data(rng, n=17, m=5, dim=3):
+    return jnp.asarray(rng.normal(size=(n, dim))), jnp.asarray(rng.normal(size=(m, dim)))
+
+
+def _np_nearest(z, codebook):
+    z, codebook = np.asarray(z), np.asarray(codebook)
+    d2 = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)
+    return d2.argmin(1), d2
+
+
+def test_quantize_matches_bruteforce_argmin(rng):
+    z, codebook = _data(rng, n=40, m=7)
+    z_q, idx, dist = vq.quantize(z, codebook)
+    want_idx, want_d2 = _np_nearest(z, codebook)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, want_d2, atol=1e-12)
+    np.testing.assert_array_equal(z_q, np.asarray(codebook)[want_idx])
+
+
+def test_straight_through_value_is_z_q_and_gradient_is_identity(rng):
+    z, codebook = _data(rng)
+
+    def st_out(z_e):
+        return vq.straight_through(z_e, vq.quantize(z_e, codebook)[0])
+
+    # z_e + (z_q - z_e) rounds to z_q within one ulp.
+    np.testing.assert_allclose(st_out(z), vq.quantize(z, codebook)[0], rtol=0, atol=1e-15)
+    jac = jax.jacobian(st_out)(z).reshape(z.size, z.size)
+    np.testing.assert_array_equal(jac, np.eye(z.size))
+    # Without the estimator the encoder would get no gradient at all through argmin.
+    jac_plain = jax.jacobian(lambda z_e: vq.quantize(z_e, codebook)[0])(z)
+    assert not np.any(jac_plain)
+
+
+def test_loss_term_gradients_go_where_they_should(rng):
+    z, codebook = _data(rng)
+    n = z.shape[0]
+    idx, _ = _np_nearest(z, codebook)
+    diff = np.asarray(z) - np.asarray(codebook)[idx]  # z_e - e_k, (n, l)
+
+    def term(name):
+        return lambda z_e, cb: getattr(vq.vq_loss_terms(z_e, cb, beta=0.25), name)
+
+    gz_code, gc_code = jax.grad(term("codebook"), argnums=(0, 1))(z, codebook)
+    gz_commit, gc_commit = jax.grad(term("commitment"), argnums=(0, 1))(z, codebook)
+    # Codebook term: encoder gets nothing; code j gets (2/n) sum_{i: k_i=j} (e_j - z_i).
+    assert not np.any(gz_code)
+    want_gc = np.zeros_like(np.asarray(codebook))
+    np.add.at(want_gc, idx, -2.0 * diff / n)
+    np.testing.assert_allclose(gc_code, want_gc, atol=1e-14)
+    # Commitment term: codes get nothing; encoder output i gets (2/n) (z_i - e_k).
+    assert not np.any(gc_commit)
+    np.testing.assert_allclose(gz_commit, 2.0 * diff / n, atol=1e-14)
+    # Values: both are the mean over vectors of the squared distance summed over l.
+    terms = vq.vq_loss_terms(z, codebook, beta=0.25)
+    want = np.mean(np.sum(diff**2, axis=1))
+    np.testing.assert_allclose([terms.codebook, terms.commitment], [want, want], rtol=1e-13)
+    np.testing.assert_allclose(terms.total, 1.25 * want, rtol=1e-13)
+
+
+def _np_lloyd(z, codebook):
+    """One k-means (Lloyd) update: nearest-code assignment, then per-code means."""
+    idx, _ = _np_nearest(z, codebook)
+    new = np.array(codebook, copy=True)
+    for j in range(new.shape[0]):
+        if np.any(idx == j):  # an empty cluster keeps its centre
+            new[j] = np.asarray(z)[idx == j].mean(0)
+    return new, idx
+
+
+def test_ema_update_with_decay_zero_is_one_lloyd_step(rng):
+    # Codes chosen as data points, so every cluster is non-empty.
+    z = jnp.asarray(rng.normal(size=(30, 2)))
+    codebook = z[:4] + 0.01
+    state = vq.ema_init(codebook)
+    _, idx, _ = vq.quantize(z, codebook)
+    new = vq.ema_update(state, z, idx, decay=0.0, eps=0.0)
+    want, want_idx = _np_lloyd(z, codebook)
+    assert np.bincount(want_idx, minlength=4).min() > 0
+    np.testing.assert_allclose(new.codebook, want, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(new.cluster_size, np.bincount(want_idx, minlength=4))
+
+
+def test_ema_update_empty_code_keeps_its_value(rng):
+    z = jnp.asarray(rng.normal(size=(10, 2)))
+    codebook = jnp.concatenate([z[:2], jnp.full((1, 2), 100.0)])  # code 2 is far away
+    _, idx, _ = vq.quantize(z, codebook)
+    new = vq.ema_update(vq.ema_init(codebook), z, idx, decay=0.0, eps=0.0)
+    want, _ = _np_lloyd(z, codebook)
+    np.testing.assert_allclose(new.codebook, want, atol=1e-12)
+    assert np.all(np.isfinite(np.asarray(new.codebook)))
+
+
+def test_ema_update_matches_smoothed_formula(rng):
+    z, codebook = _data(rng, n=12, m=4, dim=2)
+    state = vq.EMAState(jnp.asarray([2.0, 0.5, 1.0, 3.0]), 2 * codebook, codebook)
+    _, idx, _ = vq.quantize(z, codebook)
+    decay, eps, m = 0.9, 1e-2, 4
+    new = vq.ema_update(state, z, idx, decay=decay, eps=eps)
+    one_hot = np.eye(m)[np.asarray(idx)]
+    size = decay * np.asarray(state.cluster_size) + (1 - decay) * one_hot.sum(0)
+    sums = decay * np.asarray(state.embed_sum) + (1 - decay) * one_hot.T @ np.asarray(z)
+    smoothed = (size + eps) / (size.sum() + m * eps) * size.sum()
+    np.testing.assert_allclose(new.cluster_size, size, rtol=1e-13)
+    np.testing.assert_allclose(new.codebook, sums / smoothed[:, None], rtol=1e-12)
+
+
+_lloyd_step = jax.jit(
+    lambda z, cb: vq.ema_update(vq.ema_init(cb), z, vq.quantize(z, cb)[1], decay=0.0, eps=0.0)
+)
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_hard_em_never_increases_distortion(seed):
+    """k-means is hard EM: each E-step + M-step pair cannot increase the distortion."""
+    rng = np.random.default_rng(seed)
+    z = jnp.asarray(rng.normal(size=(25, 2)))
+    cb = jnp.asarray(rng.normal(size=(4, 2)))
+    distortion = []
+    for _ in range(4):
+        distortion.append(float(jnp.mean(jnp.min(vq.quantize(z, cb)[2], axis=1))))
+        cb = _lloyd_step(z, cb).codebook
+    assert np.all(np.diff(distortion) <= 1e-12), distortion
+
+
+def test_perplexity_and_dead_codes():
+    m = 6
+    uniform = jnp.tile(jnp.arange(m), 3)
+    np.testing.assert_allclose(vq.codebook_perplexity(uniform, m), m, rtol=1e-12)
+    np.testing.assert_allclose(vq.codebook_perplexity(jnp.full(9, 2), m), 1.0, rtol=1e-12)
+    p = np.array([0.5, 0.25, 0.25])
+    got = vq.codebook_perplexity(jnp.array([0, 0, 1, 4]), m)
+    np.testing.assert_allclose(got, np.exp(-np.sum(p * np.log(p))), rtol=1e-12)
+    assert int(vq.dead_codes(uniform, m)) == 0
+    assert int(vq.dead_codes(jnp.full(9, 2), m)) == m - 1
+    assert int(vq.dead_codes(jnp.array([0, 0, 1, 4]), m)) == 3
+
+
+def test_restart_fills_dead_codes_with_encoder_outputs(rng):
+    z, codebook = _data(rng, n=10, m=5)
+    usage = jnp.asarray([3.0, 0.0, 7.0, 0.0, 0.0])
+    new = np.asarray(vq.restart_dead_codes(jax.random.key(1), codebook, usage, z))
+    np.testing.assert_array_equal(new[[0, 2]], np.asarray(codebook)[[0, 2]])
+    rows = [int(np.flatnonzero((np.asarray(z) == new[j]).all(1))[0]) for j in (1, 3, 4)]
+    assert len(set(rows)) == 3  # drawn without replacement (n >= m)
+    # Each restarted code sits on an encoder output, so it is now someone's nearest code.
+    _, idx, _ = vq.quantize(z, jnp.asarray(new))
+    assert {1, 3, 4} <= set(np.asarray(idx).tolist())
+
+
+def test_vector_quantizer_module_parameter_codebook(rng):
+    z = jnp.asarray(rng.normal(size=(8, 3)))
+    layer = vq.VectorQuantizer(num_codes=4, code_dim=3)
+    variables = layer.init(jax.random.key(0), z)
+    codebook = variables["params"]["codebook"]
+    assert codebook.shape == (4, 3)
+    out, aux = layer.apply(variables, z)
+    z_q, idx, _ = vq.quantize(z, codebook)
+    np.testing.assert_allclose(out, z_q, atol=1e-15)
+    np.testing.assert_array_equal(aux["indices"], idx)
+    terms = vq.vq_loss_terms(z, codebook, beta=0.25)
+    np.testing.assert_allclose(aux["loss"], terms.total, rtol=1e-14)
+    np.testing.assert_allclose(aux["perplexity"], vq.codebook_perplexity(idx, 4), rtol=1e-14)
+
+
+def test_vector_quantizer_module_ema_codebook(rng):
+    z = jnp.asarray(rng.normal(size=(8, 3)))
+    layer = vq.VectorQuantizer(num_codes=4, code_dim=3, ema=True, decay=0.5, eps=1e-3)
+    variables = layer.init(jax.random.key(0), z)
+    assert "params" not in variables
+    state = variables["vq_stats"]["ema"]
+    _, aux = layer.apply(variables, z)  # collection immutable: no update, no error
+    (_, aux), updated = layer.apply(variables, z, mutable=["vq_stats"])
+    want = vq.ema_update(state, z, aux["indices"], decay=0.5, eps=1e-3)
+    np.testing.assert_allclose(updated["vq_stats"]["ema"].codebook, want.codebook, rtol=1e-14)
+    np.testing.assert_allclose(aux["loss"], 0.25 * aux["commitment"], rtol=1e-14)
+    (_, _), frozen = layer.apply(variables, z, train=False, mutable=["vq_stats"])
+    np.testing.assert_array_equal(frozen["vq_stats"]["ema"].codebook, state.codebook)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda z: vq.quantize(z, jnp.zeros((0, 2))), "at least one code"),
+        (lambda z: vq.vq_loss_terms(z, jnp.zeros((3, 2)), beta=-1.0), "beta"),
+        (lambda z: vq.codebook_perplexity(jnp.zeros(4, int), 0), "codebook size"),
+        (lambda z: vq.dead_codes(jnp.zeros(4, int), 0), "codebook size"),
+        (
+            lambda z: vq.ema_update(vq.ema_init(z[:2]), z, jnp.zeros(4, int), decay=1.0, eps=1e-5),
+            "decay",
+        ),
+        (
+            lambda z: vq.VectorQuantizer(num_codes=0, code_dim=2).init(jax.random.key(0), z),
+            "num_codes",
+        ),
+    ],
+)
+def test_bad_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(jnp.ones((4, 2)))
