@@ -251,6 +251,29 @@ def log_prior(
 # ---------------------------------------------------------------------------------------
 
 
+def expected_stats(
+    q: Float[Array, "n k"], x: Float[Array, "n d"], weights: Float[Array, " n"]
+) -> BernoulliMixtureStats:
+    r"""Sufficient statistics expected under any responsibilities ``q`` (not only the posterior).
+
+    .. math::
+        N_k = \sum_i w_i q_{ik}, \qquad S_{kj} = \sum_i w_i q_{ik} x_{ij}.
+
+    ``m_step(expected_stats(q, x, w), prior)`` maximises the ELBO of ``q`` over the
+    parameters, for example with ``q`` from an amortized encoder.
+
+    Args:
+      q: a distribution over components for each example, shape (n, k).
+      x: data, shape (n, d).
+      weights: per-example weights, shape (n,).
+
+    Returns:
+      The summed statistics.
+    """
+    r = q * weights[:, None]
+    return BernoulliMixtureStats(counts=jnp.sum(r, axis=0), sum_x=r.T @ x)
+
+
 def e_step(
     params: BernoulliMixtureParams, x: Float[Array, "n d"], weights: Float[Array, " n"]
 ) -> tuple[BernoulliMixtureStats, Float[Array, ""]]:
@@ -258,7 +281,9 @@ def e_step(
 
     .. math::
         N_k = \sum_i w_i r_{ik}, \qquad S_{kj} = \sum_i w_i r_{ik} x_{ij}, \qquad
-        \mathcal{L} = \sum_i w_i \log p(x_i).
+        \mathcal{L} = \sum_i w_i \log p(x_i),
+
+    that is :func:`expected_stats` at the exact posterior :math:`r = p(z \mid x)`.
 
     Args:
       params: current parameters.
@@ -270,9 +295,7 @@ def e_step(
     """
     lj = log_joint(params, x)
     ll = jax.nn.logsumexp(lj, axis=1)
-    r = _safe_softmax(lj) * weights[:, None]
-    stats = BernoulliMixtureStats(counts=jnp.sum(r, axis=0), sum_x=r.T @ x)
-    return stats, jnp.sum(weights * ll)
+    return expected_stats(_safe_softmax(lj), x, weights), jnp.sum(weights * ll)
 
 
 def m_step(
@@ -350,7 +373,12 @@ def model() -> em.ExactModel:
       (2, 2)
     """
     return em.ExactModel(
-        e_step=e_step, m_step=m_step, log_prob=log_prob, posterior=posterior, elbo=elbo
+        e_step=e_step,
+        m_step=m_step,
+        log_prob=log_prob,
+        posterior=posterior,
+        elbo=elbo,
+        expected_stats=expected_stats,
     )
 
 
@@ -395,7 +423,7 @@ def init_params(
         return BernoulliMixtureParams(jnp.full((k,), 1.0 / k, x.dtype), probs)
     if method == "responsibilities":
         r = jax.random.dirichlet(key, jnp.ones(k, x.dtype), shape=(n,))
-        return m_step(BernoulliMixtureStats(jnp.sum(r, axis=0), r.T @ x), prior)
+        return m_step(expected_stats(r, x, jnp.ones(n, x.dtype)), prior)
     raise ValueError(f"method must be one of {INITS}; got {method!r}.")
 
 

@@ -109,6 +109,24 @@ def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng):
     assert np.all(gap > 0)
 
 
+def test_m_step_of_expected_stats_maximises_the_elbo_of_any_q(rng):
+    x = jnp.asarray(_planted_data(14, n=40, d=8))
+    q = jnp.asarray(rng.dirichlet(np.ones(3), size=40))
+    best = bm.m_step(bm.expected_stats(q, x, jnp.ones(40)), FLAT)
+    top = float(jnp.sum(bm.elbo(best, q, x)))
+    for _ in range(3):
+        other = bm.BernoulliMixtureParams(
+            jax.nn.softmax(jnp.log(best.weights) + rng.normal(0, 0.05, 3)),
+            jax.nn.sigmoid(jax.scipy.special.logit(best.probs) + rng.normal(0, 0.05, (3, 8))),
+        )
+        assert float(jnp.sum(bm.elbo(other, q, x))) < top
+    # The E-step is expected_stats at the exact posterior.
+    stats, _ = bm.e_step(best, x, jnp.ones(40))
+    direct = bm.expected_stats(bm.posterior(best, x), x, jnp.ones(40))
+    for u, v in zip(stats, direct, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-13)
+
+
 def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
     x = jnp.asarray(_planted_data(2))
     p0 = bm.init_params(jax.random.key(1), x, 3)
