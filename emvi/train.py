@@ -1,0 +1,698 @@
+r"""The optax training loop every experiment reuses: epochs, checkpoints, metrics.
+
+Nothing here knows about models. A loss is any function
+
+.. math::
+    \mathcal{L}(\theta; \xi, x_{1:b}) \quad\text{returned as}\quad
+    \texttt{loss\_fn(params, key, batch) -> (loss, aux)},
+
+where ``params`` is any pytree (Flax linen param dicts, NamedTuples), ``key`` is the
+per-step randomness :math:`\xi` (Monte Carlo samples of a VAE, dropout), ``batch`` holds
+``b`` rows of the training matrix, ``loss`` is a scalar to minimise (a negative ELBO,
+say) and ``aux`` a dict of scalar diagnostics.
+
+Shape letters: ``n`` training examples, ``d`` data dim, ``b`` batch size, ``m`` minibatches
+per epoch (``m = n // b``).
+
+Determinism. ``fit(key, ...)`` splits ``key`` once into a shuffle key and a step key. Epoch
+``e`` visits the data in the order ``permutation(fold_in(shuffle_key, e), n)``; the step
+with global index ``t`` (the number of updates made before it) gets
+``fold_in(step_key, t)``. Nothing random is carried in the state, so a run resumed from a
+checkpoint draws exactly the numbers the uninterrupted run drew and ends with
+bit-identical parameters. (Two named subkeys rather than folding epoch and step into the
+same key: otherwise epoch 0's permutation and step 0's samples would share a key.)
+
+Dropped remainder. Each epoch runs ``m = n // b`` full minibatches; the ``n mod b``
+examples that the permutation puts last are skipped that epoch (a different set each
+epoch). Every step therefore sees the same batch shape, and one ``lax.scan`` runs the
+whole epoch on device.
+
+Run folder (``workdir``): one row per epoch in ``metrics.jsonl`` (via
+:class:`emvi.runs.MetricsLog`) and orbax checkpoints in ``checkpoints/<epoch>/`` (epochs
+count from 0; the directory is named after the last epoch it contains) holding the
+:class:`TrainState` and a JSON record (epoch, config fingerprint, key, data shape, state
+signature). Each epoch is trained, checked for NaN/inf, evaluated, logged, then saved.
+Saves are synchronous; orbax writes each one into ``<epoch>.orbax-checkpoint-tmp`` and
+renames it on commit, and only renamed directories count as checkpoints, so a run killed
+at any moment resumes from its last complete one.
+
+Example:
+  >>> import optax
+  >>> def loss_fn(params, key, batch):
+  ...     err = batch[:, :-1] @ params["w"] - batch[:, -1]
+  ...     return jnp.mean(err**2), {}
+  >>> data = jax.random.normal(jax.random.key(0), (64, 4))
+  >>> result = fit(jax.random.key(1), loss_fn, {"w": jnp.zeros(3)}, optax.adam(0.1), data,
+  ...              batch_size=16, num_epochs=3, progress=False)
+  >>> [row["epoch"] for row in result.history]
+  [0, 1, 2]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray, Shaped
+from tqdm.auto import tqdm
+
+from emvi import _checks
+from emvi.runs import MetricsLog, atomic_write_text, read_metrics
+
+PyTree = Any
+LossFn = Callable[[PyTree, PRNGKeyArray, Array], tuple[Array, Mapping[str, Array]]]
+EpochFn = Callable[[Any, PRNGKeyArray, Any, Array], tuple[Any, dict[str, Array]]]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingDivergedError(ValueError):
+    """The loss (or the parameters) became NaN or inf; the bad state was not saved.
+
+    Attributes:
+      step: the first global step whose loss was non-finite (for non-finite parameters
+        with finite losses: the last step of the epoch).
+      epoch: the epoch (0-based) that step belongs to.
+    """
+
+    def __init__(self, message: str, *, step: int, epoch: int):
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint holds: everything needed to continue training.
+
+    Attributes:
+      step: number of optimizer updates made so far, an int32 scalar array.
+      params: the parameter pytree.
+      opt_state: the optax state for ``params``.
+    """
+
+    step: Int[Array, ""]
+    params: PyTree
+    opt_state: PyTree
+
+
+class TrainResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      state: the final :class:`TrainState`.
+      history: one dict per epoch run by this call (resumed epochs are in
+        ``metrics.jsonl``, not here): ``epoch`` (0-based), ``step`` (global step after the
+        epoch), ``loss`` and each aux key (means over the epoch's steps), ``eval_<name>``
+        for each eval metric when evaluated, ``epoch_time`` (seconds of training, eval
+        excluded), ``includes_compile`` (True for the first epoch of the call) and
+        ``elapsed`` (seconds since ``fit`` started).
+      resumed_from: the epoch of the checkpoint training continued from, or None.
+      examples_per_epoch: examples actually trained on per epoch (``m * b``).
+      steady_epoch_time: mean ``epoch_time`` over this call's epochs after the first
+        (which includes compilation), or None with fewer than two epochs. Throughput is
+        ``examples_per_epoch / steady_epoch_time`` examples per second.
+    """
+
+    state: TrainState
+    history: list[dict]
+    resumed_from: int | None
+    examples_per_epoch: int
+    steady_epoch_time: float | None
+
+
+def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+    """Returns step 0: ``params`` (as strongly typed arrays) and ``optimizer.init(params)``.
+
+    Leaves become arrays of their own dtype, which drops JAX's weak typing (a
+    ``jnp.asarray(0.0)`` leaf would otherwise come back strongly typed from the first
+    epoch and force a second compilation). When every leaf lives on one device, all are
+    committed to it, as the arrays orbax restores are: the jit cache tells committed from
+    uncommitted inputs, so a process that trains and then resumes would compile twice.
+    """
+    params = jax.tree.map(_strong_array, params)
+    opt_state = jax.tree.map(_strong_array, optimizer.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    devices = {device for leaf in jax.tree.leaves(state) for device in leaf.sharding.device_set}
+    if len(devices) == 1:
+        state = jax.device_put(state, devices.pop())
+    return state
+
+
+def _strong_array(leaf):
+    arr = jnp.asarray(leaf)
+    return jnp.asarray(arr, dtype=arr.dtype)
+
+
+def make_train_epoch(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, batch_size: int
+) -> EpochFn:
+    """Returns the jitted function that runs one epoch as a single ``lax.scan``.
+
+    Args:
+      loss_fn: ``loss_fn(params, key, batch) -> (loss, aux)`` with a scalar loss and a
+        dict of scalar aux values (names used by the history rows, such as ``"loss"``
+        and ``"step"``, are reserved).
+      optimizer: an optax gradient transformation.
+      batch_size: ``b``, rows per minibatch; the last ``n mod b`` rows of each epoch's
+        permutation are dropped.
+
+    Returns:
+      ``train_epoch(state, run_key, epoch, data) -> (state, metrics)``: ``run_key`` is the
+      key given to :func:`fit`, ``epoch`` an integer (traced, so epochs share one
+      compilation), ``data`` the (n, d) training matrix, and ``metrics`` maps ``"loss"``
+      and each aux name to an (m,) array of per-step values.
+
+    ``loss_fn``, ``optimizer`` and ``batch_size`` are static arguments of one module-level
+    jitted function, so calls with the same three objects (and data shapes) share one
+    compilation across :func:`fit` calls. JAX's cache then keeps a reference to them;
+    unhashable losses or optimizers get a private jitted closure instead.
+    """
+    batch_size = _checks.check_positive_int(batch_size, name="batch_size")
+    static = {"loss_fn": loss_fn, "optimizer": optimizer, "batch_size": batch_size}
+    try:
+        hash((loss_fn, optimizer))
+        jitted = functools.partial(_train_epoch_jit, **static)
+    except TypeError:
+        jitted = jax.jit(functools.partial(_train_epoch, **static))
+
+    def train_epoch(state, run_key, epoch, data):
+        # A Python int epoch would be weakly typed and trigger a second compilation.
+        return jitted(state, run_key, jnp.asarray(epoch, jnp.int32), data)
+
+    return train_epoch
+
+
+def _train_epoch(
+    state: TrainState,
+    run_key: PRNGKeyArray,
+    epoch: Int[Array, ""] | int,
+    data: Array,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+) -> tuple[TrainState, dict[str, Array]]:
+    num_points = data.shape[0]
+    num_batches = num_points // batch_size
+    if num_batches < 1:
+        raise ValueError(
+            f"batch_size ({batch_size}) is larger than the number of training examples "
+            f"({num_points})."
+        )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    shuffle_key, step_key = jax.random.split(run_key)
+    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_points)
+    batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+    def train_step(state: TrainState, rows: Int[Array, " b"]):
+        batch = jnp.take(data, rows, axis=0)
+        key = jax.random.fold_in(step_key, state.step)
+        (loss, aux), grads = grad_fn(state.params, key, batch)
+        _check_loss_output(loss, aux)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {"loss": loss, **aux}
+
+    return jax.lax.scan(train_step, state, batches)
+
+
+_train_epoch_jit = jax.jit(_train_epoch, static_argnames=("loss_fn", "optimizer", "batch_size"))
+
+
+_RESERVED_KEYS = frozenset({"loss", "epoch", "step", "epoch_time", "includes_compile", "elapsed"})
+
+
+def _check_loss_output(loss, aux) -> None:
+    """Trace-time checks on what a loss function returned."""
+    if jnp.shape(loss) != ():
+        raise ValueError(f"loss_fn must return a scalar loss; got shape {jnp.shape(loss)}.")
+    if not isinstance(aux, Mapping):
+        raise ValueError(f"loss_fn must return (loss, dict of scalars); got aux {type(aux)}.")
+    clashes = sorted(set(aux) & _RESERVED_KEYS)
+    if clashes:
+        raise ValueError(
+            f"The aux dict of loss_fn uses reserved key(s) {clashes}; rename them "
+            f"(reserved: {sorted(_RESERVED_KEYS)})."
+        )
+    for name, value in aux.items():
+        if jnp.shape(value) != ():
+            raise ValueError(f"aux[{name!r}] must be a scalar; got shape {jnp.shape(value)}.")
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _signature(tree: PyTree) -> list[list]:
+    """[path, shape, dtype] for each leaf: what must agree for a checkpoint to fit."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [
+        [jax.tree_util.keystr(path), list(np.shape(leaf)), str(_dtype(leaf))] for path, leaf in flat
+    ]
+
+
+def _dtype(leaf) -> np.dtype:
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
+def _key_record(key) -> list[int]:
+    """The raw bits of a key, to recognise a resume with another seed."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+class _Checkpoints:
+    """Thin wrapper over ``ocp.CheckpointManager``: one step per epoch, synchronous saves.
+
+    Each checkpoint holds two items: ``state`` (the TrainState, StandardSave) and ``meta``
+    (a JSON record). Orbax is imported here so that code using only the jitted epoch
+    does not pay for it.
+    """
+
+    def __init__(self, directory: Path, *, max_to_keep: int | None, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                # A returned save is complete: written to a tmp dir, then renamed.
+                enable_async_checkpointing=False,
+                preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+                # Remove tmp dirs left by a run killed mid-save (never restored anyway).
+                cleanup_tmp_directories=True,
+            )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_epoch(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, state: TrainState, meta: dict) -> None:
+        ocp = self._ocp
+        self._manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore_meta(self, epoch: int) -> dict:
+        ocp = self._ocp
+        if epoch not in self._manager.all_steps():
+            raise ValueError(
+                f"No complete checkpoint of epoch {epoch} in {self.directory}; found epochs "
+                f"{list(self._manager.all_steps())}."
+            )
+        out = self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore_state(self, epoch: int, like: TrainState) -> TrainState:
+        ocp = self._ocp
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            out = self._manager.restore(
+                epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"The checkpoint of epoch {epoch} in {self.directory} does not fit the given "
+                f"params and optimizer ({type(err).__name__}: {str(err)[:300]}). Use a fresh "
+                "workdir or --overwrite."
+            ) from err
+        return TrainState(*out["state"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _check_signature(stored: list, expected: list, directory: Path) -> None:
+    if stored == expected:
+        return
+    stored_by_path = {p: (s, d) for p, s, d in stored}
+    expected_by_path = {p: (s, d) for p, s, d in expected}
+    problems = []
+    for path, (shape, dtype) in expected_by_path.items():
+        if path not in stored_by_path:
+            problems.append(f"{path} is missing from the checkpoint")
+        elif stored_by_path[path] != (shape, dtype):
+            old_shape, old_dtype = stored_by_path[path]
+            problems.append(
+                f"{path} has shape {tuple(shape)} {dtype} here but {tuple(old_shape)} "
+                f"{old_dtype} in the checkpoint"
+            )
+    problems += [
+        f"{path} is in the checkpoint but not in the params"
+        for path in stored_by_path
+        if path not in expected_by_path
+    ]
+    if not problems:  # same leaves, different order
+        problems = ["the leaves are in a different order"]
+    shown = "; ".join(problems[:4])
+    if len(problems) > 4:
+        shown += f"; and {len(problems) - 4} more"
+    raise ValueError(
+        f"The checkpoint in {directory} was written for a different params/optimizer "
+        f"structure or shape: {shown}. Use a fresh workdir or --overwrite."
+    )
+
+
+def _check_meta(meta: dict, expected: dict, directory: Path) -> None:
+    """Raises ValueError when a checkpoint was written by a different run setup."""
+    if meta.get("config_fingerprint") != expected["config_fingerprint"]:
+        raise ValueError(
+            f"The checkpoint in {directory} was written with config fingerprint "
+            f"{meta.get('config_fingerprint')!r}, but this run's fingerprint is "
+            f"{expected['config_fingerprint']!r}. Use a fresh workdir or --overwrite."
+        )
+    for field, what in [
+        ("num_examples", "number of training examples"),
+        ("data_dim", "data dimension"),
+        ("batch_size", "batch size"),
+        ("run_key", "key (seed)"),
+    ]:
+        if meta.get(field) != expected[field]:
+            raise ValueError(
+                f"The checkpoint in {directory} was written with {what} {meta.get(field)!r}, "
+                f"but this run has {expected[field]!r}; resuming would not reproduce the "
+                "uninterrupted run. Use a fresh workdir or --overwrite."
+            )
+    _check_signature(meta.get("state_signature"), expected["state_signature"], directory)
+
+
+def _trim_metrics(workdir: Path, *, last_epoch: int) -> None:
+    """Drops ``metrics.jsonl`` rows of epochs after the checkpoint being resumed from.
+
+    A run killed after logging epoch ``e`` but before checkpointing it repeats ``e`` on
+    resume; dropping the stale rows keeps one row per epoch. Rows without an integer
+    ``epoch`` field are kept. A torn last line is removed too, so appends start on a
+    fresh line. The file is rewritten atomically, and only when something must change.
+    """
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return
+    text = path.read_text()
+    rows = read_metrics(workdir)
+    keep = [
+        row for row in rows if not (isinstance(row.get("epoch"), int) and row["epoch"] > last_epoch)
+    ]
+    num_lines = len([line for line in text.splitlines() if line.strip()])
+    clean = len(keep) == len(rows) == num_lines and (not text or text.endswith("\n"))
+    if not clean:
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def _epoch_row(
+    epoch: int, step: int, metrics: Mapping[str, np.ndarray], evals: Mapping[str, Any] | None
+) -> dict:
+    row: dict[str, Any] = {"epoch": epoch, "step": step}
+    row.update({name: float(np.mean(values)) for name, values in metrics.items()})
+    if evals is not None:
+        row.update({f"eval_{name}": _to_float(value) for name, value in evals.items()})
+    return row
+
+
+def _to_float(value) -> float:
+    try:
+        return float(np.asarray(value))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"eval_fn must return a dict of scalars; got {value!r}.") from err
+
+
+def _every(epoch: int, every: int, num_epochs: int) -> bool:
+    """True on every ``every``-th epoch (1-based count) and on the last one."""
+    return (epoch + 1) % every == 0 or epoch == num_epochs - 1
+
+
+def fit(
+    key: PRNGKeyArray,
+    loss_fn: LossFn,
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    train_x: Shaped[ArrayLike, "n d"],
+    *,
+    batch_size: int,
+    num_epochs: int,
+    workdir: str | Path | None = None,
+    eval_fn: Callable[[PyTree], Mapping[str, Any]] | None = None,
+    eval_every: int = 1,
+    checkpoint_every: int = 1,
+    max_checkpoints: int = 2,
+    progress: bool = True,
+    resume: bool = True,
+    config_fingerprint: str | None = None,
+    log_fn: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Minimises ``loss_fn`` over ``num_epochs`` shuffled passes through ``train_x``.
+
+    Args:
+      key: the run key; the result depends only on it (and the inputs).
+      loss_fn: ``loss_fn(params, key, batch) -> (loss, aux)``, see the module docstring.
+      params: initial parameters, any pytree of arrays.
+      optimizer: an optax gradient transformation.
+      train_x: the (n, d) training matrix, finite.
+      batch_size: rows per minibatch, ``1 <= batch_size <= n``; each epoch drops the
+        ``n mod batch_size`` rows its permutation puts last.
+      num_epochs: total epochs of the run (including any resumed ones).
+      workdir: run folder for ``metrics.jsonl`` and ``checkpoints/``; None keeps
+        everything in memory. Rows of ``metrics.jsonl`` with an integer ``epoch`` later
+        than the checkpoint resumed from (all of them when starting from scratch) are
+        dropped first, so the file holds one row per epoch even after a crash.
+      eval_fn: ``eval_fn(params) -> dict of scalars``, run on the host after every
+        ``eval_every``-th epoch and after the last; logged as ``eval_<name>``.
+      eval_every: epochs between evaluations.
+      checkpoint_every: epochs between checkpoints (the last epoch is always saved).
+      max_checkpoints: checkpoints kept on disk (the most recent ones).
+      progress: show a tqdm bar over epochs with the loss in its postfix.
+      resume: continue from the latest checkpoint in ``workdir`` if there is one. With
+        False, a workdir that already holds checkpoints is an error.
+      config_fingerprint: a string identifying the experiment config (e.g. a hash),
+        stored with each checkpoint; resuming under another fingerprint is an error.
+      log_fn: called with each epoch's history row (for printing).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: on bad arguments, or a checkpoint from another config, key, data shape
+        or params structure.
+      TrainingDivergedError: when a loss (or the parameters) becomes NaN or inf. The
+        epoch that produced it is neither logged nor saved.
+    """
+    data_np = _checks.as_data_matrix(train_x, name="train_x")
+    num_points, data_dim = data_np.shape
+    batch_size = _checks.check_positive_int(batch_size, name="batch_size")
+    if batch_size > num_points:
+        raise ValueError(
+            f"batch_size ({batch_size}) is larger than the number of training examples "
+            f"({num_points}); use a batch_size of at most {num_points}."
+        )
+    num_epochs = _checks.check_positive_int(num_epochs, name="num_epochs")
+    eval_every = _checks.check_positive_int(eval_every, name="eval_every")
+    checkpoint_every = _checks.check_positive_int(checkpoint_every, name="checkpoint_every")
+    max_checkpoints = _checks.check_positive_int(max_checkpoints, name="max_checkpoints")
+    if config_fingerprint is not None and not isinstance(config_fingerprint, str):
+        raise ValueError(f"config_fingerprint must be a string; got {config_fingerprint!r}.")
+
+    started = time.perf_counter()
+    num_batches = num_points // batch_size
+    data = jnp.asarray(data_np)
+    state = init_state(params, optimizer)
+    meta = {
+        "config_fingerprint": config_fingerprint,
+        "num_examples": num_points,
+        "data_dim": data_dim,
+        "batch_size": batch_size,
+        "run_key": _key_record(key),
+        "state_signature": _signature(state),
+    }
+
+    checkpoints = None
+    log = None
+    bar = None
+    resumed_from = None
+    try:
+        if workdir is not None:
+            workdir = Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=max_checkpoints)
+            latest = checkpoints.latest_epoch()
+            if latest is not None:
+                if not resume:
+                    raise ValueError(
+                        f"{checkpoints.directory} already holds checkpoints (latest: epoch "
+                        f"{latest}); pass resume=True to continue that run, or use a fresh "
+                        "workdir or --overwrite."
+                    )
+                if latest > num_epochs - 1:
+                    raise ValueError(
+                        f"{checkpoints.directory} holds a checkpoint of epoch {latest}, past "
+                        f"the {num_epochs} epochs asked for; use a fresh workdir or "
+                        "--overwrite, or ask for more epochs."
+                    )
+                _check_meta(checkpoints.restore_meta(latest), meta, checkpoints.directory)
+                state = checkpoints.restore_state(latest, state)
+                resumed_from = latest
+            _trim_metrics(workdir, last_epoch=-1 if resumed_from is None else resumed_from)
+            log = MetricsLog(workdir)
+
+        first_epoch = 0 if resumed_from is None else resumed_from + 1
+        train_epoch = make_train_epoch(loss_fn, optimizer, batch_size=batch_size)
+        history: list[dict] = []
+        bar = tqdm(
+            range(first_epoch, num_epochs),
+            initial=first_epoch,
+            total=num_epochs,
+            desc="epochs",
+            unit="epoch",
+            disable=not progress,
+        )
+        for epoch in bar:
+            tic = time.perf_counter()
+            first_step = int(state.step)
+            new_state, step_metrics = train_epoch(state, key, epoch, data)
+            step_metrics = {name: np.asarray(v) for name, v in step_metrics.items()}
+            epoch_time = time.perf_counter() - tic
+            _raise_if_diverged(
+                step_metrics["loss"], new_state, epoch, first_step, num_batches, checkpoints
+            )
+            state = new_state
+
+            evals = None
+            if eval_fn is not None and _every(epoch, eval_every, num_epochs):
+                evals = eval_fn(state.params)
+            row = _epoch_row(epoch, first_step + num_batches, step_metrics, evals)
+            row["epoch_time"] = epoch_time
+            row["includes_compile"] = epoch == first_epoch
+            row["elapsed"] = time.perf_counter() - started
+            history.append(row)
+            if log is not None:
+                log.write(**row)
+            if checkpoints is not None and _every(epoch, checkpoint_every, num_epochs):
+                checkpoints.save(epoch, state, {**meta, "epoch": epoch, "step": int(state.step)})
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if log_fn is not None:
+                log_fn(row)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if checkpoints is not None:
+            checkpoints.close()
+
+    steady = [row["epoch_time"] for row in history[1:]]
+    return TrainResult(
+        state=state,
+        history=history,
+        resumed_from=resumed_from,
+        examples_per_epoch=num_batches * batch_size,
+        steady_epoch_time=float(np.mean(steady)) if steady else None,
+    )
+
+
+def _raise_if_diverged(
+    losses: np.ndarray,
+    state: TrainState,
+    epoch: int,
+    first_step: int,
+    num_batches: int,
+    checkpoints: _Checkpoints | None,
+) -> None:
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        index = int(np.argmax(bad))
+        step = first_step + index
+        what = f"the loss is {losses[index]} at global step {step}"
+    elif not bool(_all_finite(state.params)):
+        step = first_step + num_batches - 1
+        what = f"the parameters are non-finite after global step {step}"
+    else:
+        return
+    if checkpoints is None:
+        kept = "no workdir was given, so nothing was saved"
+    else:
+        latest = checkpoints.latest_epoch()
+        kept = (
+            f"the last good checkpoint (epoch {latest}) is kept in {checkpoints.directory}"
+            if latest is not None
+            else "no checkpoint had been written yet"
+        )
+    raise TrainingDivergedError(
+        f"Training diverged: {what} (epoch {epoch}). That epoch was not saved; {kept}. "
+        "Lower the learning rate or check the loss for log(0) or division by zero.",
+        step=step,
+        epoch=epoch,
+    )
+
+
+def load_checkpoint(
+    workdir: str | Path,
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    epoch: int | None = None,
+) -> tuple[TrainState, int]:
+    """Restores a :class:`TrainState` written by :func:`fit`, e.g. for evaluation scripts.
+
+    Args:
+      workdir: the run folder given to :func:`fit`.
+      params: a params pytree of the right structure (arrays or ``jax.ShapeDtypeStruct``).
+      optimizer: the optimizer of the run (its state structure is needed to restore).
+      epoch: which checkpoint; None for the latest.
+
+    Returns:
+      ``(state, epoch)``.
+
+    Raises:
+      ValueError: if there is no such checkpoint or it does not fit ``params``.
+    """
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise ValueError(f"No checkpoints in {workdir}: {directory} does not exist.")
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), _dtype(p)), params)
+    like = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(optimizer.init, params),
+    )
+    checkpoints = _Checkpoints(directory, max_to_keep=None, read_only=True)
+    try:
+        if epoch is None:
+            epoch = checkpoints.latest_epoch()
+            if epoch is None:
+                raise ValueError(f"No complete checkpoint in {directory}.")
+        meta = checkpoints.restore_meta(epoch)
+        _check_signature(meta.get("state_signature"), _signature(like), directory)
+        state = checkpoints.restore_state(epoch, like)
+    finally:
+        checkpoints.close()
+    return state, epoch
