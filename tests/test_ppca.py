@@ -1,0 +1,224 @@
+"""Probabilistic PCA: densities and posteriors against SciPy/NumPy, EM against the closed form.
+
+Tolerances: closed forms in float64 against SciPy or NumPy at rtol ~1e-10 (a handful of
+O(d^3) factorisations apart); EM against the closed-form maximum to 1e-6 nats per example
+and 1e-3 rad of subspace angle, on data whose spectral gap makes EM converge in a few
+hundred iterations (EM's rate along a direction with covariance eigenvalue lambda is about
+1 - 2 sigma^2 (lambda - sigma^2) / lambda^2, so it crawls at high signal-to-noise).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.linalg import subspace_angles
+from scipy.stats import multivariate_normal
+from sklearn.decomposition import PCA
+
+from emvi import em, ppca
+
+
+def _random_params(rng, d=6, ell=2):
+    return ppca.PPCAParams(
+        jnp.asarray(rng.standard_normal((d, ell))),
+        jnp.asarray(rng.standard_normal(d)),
+        jnp.asarray(rng.uniform(0.3, 1.0)),
+    )
+
+
+def _gap_data(seed, n=300, d=8, ell=3, offset=5.0):
+    """Data with covariance eigenvalues ~[9, 6, 4, 1, ..., 1]: a clear gap after l = 3."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, ell)))
+    w = basis * np.sqrt(np.array([8.0, 5.0, 3.0]))[None, :ell]
+    return rng.standard_normal((n, ell)) @ w.T + rng.standard_normal((n, d)) + offset
+
+
+def _np_cov(params):
+    w = np.asarray(params.loadings)
+    return w @ w.T + float(params.noise_variance) * np.eye(w.shape[0])
+
+
+def _np_gauss_kl(m0, s0, m1, s1):
+    """KL(N(m0, s0) || N(m1, s1)) for full covariances, batch over the leading axis."""
+    ell = m0.shape[-1]
+    s1_inv = np.linalg.inv(s1)
+    diff = m1 - m0
+    return 0.5 * (
+        np.einsum("ab,nba->n", s1_inv, s0)
+        + np.einsum("na,ab,nb->n", diff, s1_inv, diff)
+        - ell
+        + np.linalg.slogdet(s1)[1]
+        - np.linalg.slogdet(s0)[1]
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Closed forms against SciPy / NumPy
+# --------------------------------------------------------------------------------------
+
+
+def test_log_prob_matches_scipy_multivariate_normal(rng):
+    params = _random_params(rng)
+    x = rng.standard_normal((20, 6)) * 2
+    expected = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(x)
+    np.testing.assert_allclose(ppca.log_prob(params, jnp.asarray(x)), expected, rtol=1e-12)
+
+
+def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
+    """(z, x) is jointly Gaussian with Cov[z, x] = W^T and Cov[x] = C: condition on x."""
+    params = _random_params(rng)
+    x = rng.standard_normal((10, 6))
+    w, mu, c = np.asarray(params.loadings), np.asarray(params.mean), _np_cov(params)
+    gain = np.linalg.solve(c, w).T  # W^T C^{-1}, (l, d)
+    mean = (x - mu) @ gain.T
+    cov = np.eye(2) - gain @ w
+    q = ppca.posterior(params, jnp.asarray(x))
+    np.testing.assert_allclose(q.mean, mean, rtol=1e-10)
+    np.testing.assert_allclose(q.cov, np.broadcast_to(cov, (10, 2, 2)), rtol=1e-10)
+    # Tipping & Bishop's form: mean M^{-1} W^T (x - mu), covariance sigma^2 M^{-1}.
+    s2 = float(params.noise_variance)
+    m_inv = np.linalg.inv(w.T @ w + s2 * np.eye(2))
+    np.testing.assert_allclose(q.mean, (x - mu) @ (m_inv @ w.T).T, rtol=1e-10)
+    np.testing.assert_allclose(q.cov[0], s2 * m_inv, rtol=1e-10)
+
+
+def test_elbo_equals_log_prob_at_posterior_and_gap_is_gaussian_kl(rng):
+    params = _random_params(rng)
+    x = jnp.asarray(rng.standard_normal((12, 6)))
+    lp = np.asarray(ppca.log_prob(params, x))
+    q = ppca.posterior(params, x)
+    np.testing.assert_allclose(ppca.elbo(params, q, x), lp, rtol=1e-12)
+    # Perturb both the means and the covariances of q.
+    a = rng.standard_normal((12, 2, 2)) * 0.3
+    cov = np.asarray(q.cov) + a @ np.swapaxes(a, 1, 2)
+    mean = np.asarray(q.mean) + rng.standard_normal((12, 2)) * 0.5
+    gap = lp - np.asarray(ppca.elbo(params, ppca.GaussianPosterior(mean, cov), x))
+    kl = _np_gauss_kl(mean, cov, np.asarray(q.mean), np.asarray(q.cov)[0])
+    np.testing.assert_allclose(gap, kl, rtol=1e-9)
+    assert np.all(gap > 1e-3)
+
+
+def test_closed_form_ml_is_an_em_fixed_point_and_matches_sklearn_pca():
+    x = _gap_data(0)
+    n = x.shape[0]
+    ml = ppca.closed_form_ml(x, 3)
+    # One EM iteration from the maximum returns it (W up to rotation: compare W W^T).
+    stats, _ = ppca.e_step(ml, jnp.asarray(x), jnp.ones(n))
+    again = ppca.m_step(stats)
+    np.testing.assert_allclose(_np_cov(again), _np_cov(ml), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(again.mean, ml.mean, rtol=1e-12)
+    # scikit-learn's PCA fits the same model with the unbiased (n - 1) covariance.
+    pca = PCA(n_components=3, svd_solver="full").fit(x)
+    np.testing.assert_allclose(_np_cov(ml) * n / (n - 1), pca.get_covariance(), rtol=1e-10)
+    np.testing.assert_allclose(float(ml.noise_variance) * n / (n - 1), pca.noise_variance_)
+
+
+# --------------------------------------------------------------------------------------
+# EM
+# --------------------------------------------------------------------------------------
+
+
+def test_em_reaches_the_closed_form_maximum_in_likelihood_and_subspace():
+    x = _gap_data(1)
+    res = ppca.fit(jax.random.key(0), x, 3, max_iter=1000, tol=1e-12)
+    ml = ppca.closed_form_ml(x, 3)
+    ll_ml = float(jnp.mean(ppca.log_prob(ml, jnp.asarray(x))))
+    gap = ll_ml - float(res.log_likelihood)
+    assert -1e-10 < gap < 1e-6  # ML is the global maximum; EM gets within 1e-6 nats
+    angle = subspace_angles(np.asarray(res.params.loadings), np.asarray(ml.loadings)).max()
+    assert angle < 1e-3
+    np.testing.assert_allclose(res.params.noise_variance, ml.noise_variance, rtol=1e-5)
+    np.testing.assert_allclose(res.params.mean, x.mean(0), rtol=1e-12)
+    h = np.asarray(res.history)[: int(res.num_iter)]
+    assert np.all(np.diff(h) >= -1e-12)
+
+
+@jax.jit
+def _em_path(params, x):
+    def body(p, _):
+        stats, ll = ppca.e_step(p, x, jnp.ones(x.shape[0], x.dtype))
+        return ppca.m_step(stats), ll
+
+    _, ll = jax.lax.scan(body, params, None, length=12)
+    return ll
+
+
+_X_PROP = jnp.asarray(_gap_data(2, n=80, d=6, ell=2))
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_em_never_decreases_the_log_likelihood(seed):
+    # Random starting points, including a mean far from the data mean.
+    params = _random_params(np.random.default_rng(seed), d=6, ell=2)
+    ll = np.asarray(_em_path(params, _X_PROP))
+    assert np.all(np.isfinite(ll))
+    assert np.all(np.diff(ll) >= -1e-10 * np.abs(ll[1:]))
+
+
+def test_weighted_em_equals_duplicated_points_including_the_mean():
+    """Integer weights = repeated rows; checks the joint (W, mu) update with weights."""
+    x = _gap_data(3, n=40, d=5, ell=2)
+    counts = np.random.default_rng(4).integers(1, 4, 40)
+    p0 = _random_params(np.random.default_rng(5), d=5, ell=2)
+    a = em.fit_em(ppca.model(), p0, jnp.asarray(x), jnp.asarray(counts, float), max_iter=6, tol=0.0)
+    b = em.fit_em(ppca.model(), p0, jnp.asarray(np.repeat(x, counts, axis=0)), max_iter=6, tol=0.0)
+    for u, v in zip(a.params, b.params, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-9)
+
+
+def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
+    x = jnp.asarray(_gap_data(6, n=60, d=6, ell=2))
+    tr = em.em_trace(ppca.model(), _random_params(rng, d=6, ell=2), x, num_iter=5)
+    ll, eb, kl = (np.asarray(a) for a in (tr.log_likelihood, tr.elbo, tr.kl))
+    np.testing.assert_allclose(eb[:, 0], ll[:, 0], rtol=1e-12)
+    assert np.all(kl[:, 1] >= -1e-12) and kl[0, 1] > 1e-3
+    assert np.all(eb[:, 1] >= eb[:, 0] - 1e-12)
+
+
+def test_sample_matches_model_moments():
+    params = _random_params(np.random.default_rng(7), d=4, ell=2)
+    m = 20_000
+    x, z = ppca.sample(jax.random.key(0), params, m)
+    assert x.shape == (m, 4) and z.shape == (m, 2)
+    cov = _np_cov(params)
+    se = np.sqrt(np.diag(cov) / m)
+    assert np.all(np.abs(np.asarray(x).mean(0) - np.asarray(params.mean)) < 5 * se)
+    # Sample covariance entries have standard error ~ sqrt((c_ii c_jj + c_ij^2) / m).
+    se_cov = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / m)
+    assert np.all(np.abs(np.cov(np.asarray(x), rowvar=False) - cov) < 5 * se_cov)
+
+
+def test_float32_in_float32_out():
+    x = _gap_data(8, n=100, d=6, ell=2).astype(np.float32)
+    r32 = ppca.fit(jax.random.key(0), x, 2, max_iter=200, tol=0.0)
+    assert r32.params.loadings.dtype == jnp.float32 and r32.history.dtype == jnp.float32
+    ml = ppca.closed_form_ml(x.astype(np.float64), 2)
+    ll_ml = float(jnp.mean(ppca.log_prob(ml, jnp.asarray(x, jnp.float64))))
+    assert abs(float(r32.log_likelihood) - ll_ml) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "match"),
+    [
+        (np.array([[0.0, 1.0, 2.0], [np.inf, 0.0, 1.0]]), {}, "non-finite"),
+        (np.ones((4, 3, 2)), {}, "2-D"),
+        (np.ones((4, 3)), {}, "constant"),
+        (np.eye(3), {"latent_dim": 0}, "latent_dim"),
+        (np.eye(3), {"latent_dim": 3}, "latent_dim"),
+        (np.eye(3), {"tol": -1e-3}, "tol"),
+        (np.eye(3), {"noise_floor": -1.0}, "noise_floor"),
+        (np.eye(3), {"max_iter": 0}, "max_iter"),
+        (np.eye(3)[:1], {}, "at least 2 rows"),
+    ],
+)
+def test_bad_input_raises_value_error(x, kwargs, match):
+    kwargs = {"latent_dim": 1, **kwargs}
+    latent_dim = kwargs.pop("latent_dim")
+    with pytest.raises(ValueError, match=match):
+        ppca.fit(jax.random.key(0), x, latent_dim, **kwargs)
+    if not kwargs:
+        with pytest.raises(ValueError, match=match):
+            ppca.closed_form_ml(x, latent_dim)
