@@ -335,7 +335,8 @@ def linear_gaussian_m_step(
     return loadings, new_mean, resid, stats.sum_cc / s0
 
 
-def _relative_floor(hyper: NoiseFloor | None, dtype) -> Array:
+def relative_floor(hyper: NoiseFloor | None, dtype) -> Array:
+    """The relative noise floor of ``hyper`` (1e-6 when ``hyper`` is None) as a 0-d array."""
     rel = DEFAULT_NOISE_FLOOR if hyper is None else hyper.relative
     return jnp.asarray(rel, dtype)
 
@@ -437,7 +438,7 @@ def m_step(stats: LinearGaussianStats, hyper: NoiseFloor | None = None) -> PPCAP
     """
     loadings, mean, resid, var = linear_gaussian_m_step(stats)
     dtype = loadings.dtype
-    floor = _relative_floor(hyper, dtype) * jnp.mean(var)
+    floor = relative_floor(hyper, dtype) * jnp.mean(var)
     sigma2 = jnp.maximum(jnp.mean(resid), jnp.maximum(floor, jnp.finfo(dtype).tiny))
     return PPCAParams(loadings, mean, sigma2)
 
@@ -517,7 +518,7 @@ def closed_form_ml(x, latent_dim: int) -> PPCAParams:
     Raises:
       ValueError: on invalid ``x`` or ``latent_dim``.
     """
-    arr = _validate(x, latent_dim)
+    arr = validate_inputs(x, latent_dim)
     return _closed_form_ml(jnp.asarray(arr), latent_dim)
 
 
@@ -540,7 +541,13 @@ def init_params(key: Key[Array, ""], x: Float[Array, "n d"], latent_dim: int) ->
     return PPCAParams(w, mean, v)
 
 
-def _validate(x, latent_dim) -> np.ndarray:
+def validate_inputs(x, latent_dim) -> np.ndarray:
+    """Eager checks shared by the pPCA and factor-analysis wrappers; returns ``x`` as NumPy.
+
+    Raises:
+      ValueError: if ``x`` is not a finite 2-D array with >= 2 rows and some variance, or
+        ``latent_dim`` is not an integer in [1, d).
+    """
     arr = _checks.as_data_matrix(x, min_rows=2)
     d = arr.shape[1]
     latent_dim = _checks.check_positive_int(latent_dim, name="latent_dim")
@@ -599,7 +606,7 @@ def fit(
       ValueError: on non-finite or non-2-D ``x``, ``latent_dim`` outside [1, d), or bad
         settings.
     """
-    arr = _validate(x, latent_dim)
+    arr = validate_inputs(x, latent_dim)
     max_iter = _checks.check_positive_int(max_iter, name="max_iter")
     num_init = _checks.check_positive_int(num_init, name="num_init")
     tol = _checks.check_nonnegative(tol, name="tol")

@@ -19,6 +19,13 @@ from sklearn.decomposition import PCA
 
 from emvi import em, ppca
 
+# Jitted once per module: one XLA compile per shape instead of op-by-op dispatch.
+_log_prob = jax.jit(ppca.log_prob)
+_posterior = jax.jit(ppca.posterior)
+_elbo = jax.jit(ppca.elbo)
+_e_step = jax.jit(ppca.e_step)
+_m_step = jax.jit(ppca.m_step)
+
 
 def _random_params(rng, d=6, ell=2):
     return ppca.PPCAParams(
@@ -64,7 +71,7 @@ def test_log_prob_matches_scipy_multivariate_normal(rng):
     params = _random_params(rng)
     x = rng.standard_normal((20, 6)) * 2
     expected = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(x)
-    np.testing.assert_allclose(ppca.log_prob(params, jnp.asarray(x)), expected, rtol=1e-12)
+    np.testing.assert_allclose(_log_prob(params, jnp.asarray(x)), expected, rtol=1e-12)
 
 
 def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
@@ -75,7 +82,7 @@ def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
     gain = np.linalg.solve(c, w).T  # W^T C^{-1}, (l, d)
     mean = (x - mu) @ gain.T
     cov = np.eye(2) - gain @ w
-    q = ppca.posterior(params, jnp.asarray(x))
+    q = _posterior(params, jnp.asarray(x))
     np.testing.assert_allclose(q.mean, mean, rtol=1e-10)
     np.testing.assert_allclose(q.cov, np.broadcast_to(cov, (10, 2, 2)), rtol=1e-10)
     # Tipping & Bishop's form: mean M^{-1} W^T (x - mu), covariance sigma^2 M^{-1}.
@@ -88,26 +95,33 @@ def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
 def test_elbo_equals_log_prob_at_posterior_and_gap_is_gaussian_kl(rng):
     params = _random_params(rng)
     x = jnp.asarray(rng.standard_normal((12, 6)))
-    lp = np.asarray(ppca.log_prob(params, x))
-    q = ppca.posterior(params, x)
-    np.testing.assert_allclose(ppca.elbo(params, q, x), lp, rtol=1e-12)
+    lp = np.asarray(_log_prob(params, x))
+    q = _posterior(params, x)
+    np.testing.assert_allclose(_elbo(params, q, x), lp, rtol=1e-12)
     # Perturb both the means and the covariances of q.
     a = rng.standard_normal((12, 2, 2)) * 0.3
     cov = np.asarray(q.cov) + a @ np.swapaxes(a, 1, 2)
     mean = np.asarray(q.mean) + rng.standard_normal((12, 2)) * 0.5
-    gap = lp - np.asarray(ppca.elbo(params, ppca.GaussianPosterior(mean, cov), x))
+    gap = lp - np.asarray(_elbo(params, ppca.GaussianPosterior(mean, cov), x))
     kl = _np_gauss_kl(mean, cov, np.asarray(q.mean), np.asarray(q.cov)[0])
     np.testing.assert_allclose(gap, kl, rtol=1e-9)
     assert np.all(gap > 1e-3)
 
 
-def test_closed_form_ml_is_an_em_fixed_point_and_matches_sklearn_pca():
-    x = _gap_data(0)
+_X_GAP = _gap_data(1)  # shared by the closed-form and EM tests: one compile per function
+
+
+@pytest.fixture(scope="module")
+def ml_gap():
+    return ppca.closed_form_ml(_X_GAP, 3)
+
+
+def test_closed_form_ml_is_an_em_fixed_point_and_matches_sklearn_pca(ml_gap):
+    x, ml = _X_GAP, ml_gap
     n = x.shape[0]
-    ml = ppca.closed_form_ml(x, 3)
     # One EM iteration from the maximum returns it (W up to rotation: compare W W^T).
-    stats, _ = ppca.e_step(ml, jnp.asarray(x), jnp.ones(n))
-    again = ppca.m_step(stats)
+    stats, _ = _e_step(ml, jnp.asarray(x), jnp.ones(n))
+    again = _m_step(stats)
     np.testing.assert_allclose(_np_cov(again), _np_cov(ml), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(again.mean, ml.mean, rtol=1e-12)
     # scikit-learn's PCA fits the same model with the unbiased (n - 1) covariance.
@@ -121,11 +135,10 @@ def test_closed_form_ml_is_an_em_fixed_point_and_matches_sklearn_pca():
 # --------------------------------------------------------------------------------------
 
 
-def test_em_reaches_the_closed_form_maximum_in_likelihood_and_subspace():
-    x = _gap_data(1)
+def test_em_reaches_the_closed_form_maximum_in_likelihood_and_subspace(ml_gap):
+    x, ml = _X_GAP, ml_gap
     res = ppca.fit(jax.random.key(0), x, 3, max_iter=1000, tol=1e-12)
-    ml = ppca.closed_form_ml(x, 3)
-    ll_ml = float(jnp.mean(ppca.log_prob(ml, jnp.asarray(x))))
+    ll_ml = float(jnp.mean(_log_prob(ml, jnp.asarray(x))))
     gap = ll_ml - float(res.log_likelihood)
     assert -1e-10 < gap < 1e-6  # ML is the global maximum; EM gets within 1e-6 nats
     angle = subspace_angles(np.asarray(res.params.loadings), np.asarray(ml.loadings)).max()
@@ -139,8 +152,8 @@ def test_em_reaches_the_closed_form_maximum_in_likelihood_and_subspace():
 @jax.jit
 def _em_path(params, x):
     def body(p, _):
-        stats, ll = ppca.e_step(p, x, jnp.ones(x.shape[0], x.dtype))
-        return ppca.m_step(stats), ll
+        stats, ll = _e_step(p, x, jnp.ones(x.shape[0], x.dtype))
+        return _m_step(stats), ll
 
     _, ll = jax.lax.scan(body, params, None, length=12)
     return ll
@@ -191,12 +204,10 @@ def test_sample_matches_model_moments():
     assert np.all(np.abs(np.cov(np.asarray(x), rowvar=False) - cov) < 5 * se_cov)
 
 
-def test_float32_in_float32_out():
-    x = _gap_data(8, n=100, d=6, ell=2).astype(np.float32)
-    r32 = ppca.fit(jax.random.key(0), x, 2, max_iter=200, tol=0.0)
+def test_float32_in_float32_out_and_near_the_float64_maximum(ml_gap):
+    r32 = ppca.fit(jax.random.key(0), _X_GAP.astype(np.float32), 3, max_iter=1000, tol=1e-7)
     assert r32.params.loadings.dtype == jnp.float32 and r32.history.dtype == jnp.float32
-    ml = ppca.closed_form_ml(x.astype(np.float64), 2)
-    ll_ml = float(jnp.mean(ppca.log_prob(ml, jnp.asarray(x, jnp.float64))))
+    ll_ml = float(jnp.mean(_log_prob(ml_gap, jnp.asarray(_X_GAP))))
     assert abs(float(r32.log_likelihood) - ll_ml) < 1e-4
 
 
