@@ -422,7 +422,9 @@ def init_params(
         probs = 0.25 + 0.5 * x[idx]
         return BernoulliMixtureParams(jnp.full((k,), 1.0 / k, x.dtype), probs)
     if method == "responsibilities":
-        r = jax.random.dirichlet(key, jnp.ones(k, x.dtype), shape=(n,))
+        # Normalised standard exponentials are Dirichlet(1, ..., 1) draws.
+        e = jax.random.exponential(key, (n, k), x.dtype)
+        r = e / jnp.sum(e, axis=1, keepdims=True)
         return m_step(expected_stats(r, x, jnp.ones(n, x.dtype)), prior)
     raise ValueError(f"method must be one of {INITS}; got {method!r}.")
 

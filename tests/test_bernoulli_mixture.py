@@ -18,6 +18,16 @@ from hypothesis import strategies as st
 from emvi import bernoulli_mixture as bm
 from emvi import em
 
+# Jitted once per module: one XLA compile per shape instead of op-by-op dispatch.
+_log_prob = jax.jit(bm.log_prob)
+_posterior = jax.jit(bm.posterior)
+_elbo = jax.jit(bm.elbo)
+_e_step = jax.jit(bm.e_step)
+_m_step = jax.jit(bm.m_step)
+_expected_stats = jax.jit(bm.expected_stats)
+_log_prior = jax.jit(bm.log_prior)
+
+
 FLAT = bm.BernoulliMixturePrior(1.0, 1.0, 1.0)
 MAP = bm.BernoulliMixturePrior(2.0, 2.0, 3.0)
 
@@ -54,7 +64,7 @@ def test_log_prob_matches_enumeration_and_normalises_over_all_binary_images(rng)
     k, d = 3, 6
     params = _random_params(rng, k, d)
     every_image = np.array(list(itertools.product([0.0, 1.0], repeat=d)))  # (64, 6)
-    lp = np.asarray(bm.log_prob(params, jnp.asarray(every_image)))
+    lp = np.asarray(_log_prob(params, jnp.asarray(every_image)))
     np.testing.assert_allclose(lp, _np_log_prob(params, every_image), rtol=1e-12)
     # A normalised distribution over {0,1}^d: probabilities of the 2^d images sum to one.
     np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-12)
@@ -66,14 +76,14 @@ def test_probabilities_of_exactly_zero_and_one_give_minus_inf_not_nan():
         jnp.array([[0.0, 1.0, 0.5], [1.0, 0.5, 0.0], [0.3, 0.3, 0.3]]),
     )
     x = jnp.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    lp = np.asarray(bm.log_prob(params, x))
+    lp = np.asarray(_log_prob(params, x))
     np.testing.assert_allclose(lp, _np_log_prob(params, np.asarray(x)), rtol=1e-12)
     assert lp[2] == -np.inf and lp[3] == -np.inf and np.all(np.isfinite(lp[:2]))
-    r = np.asarray(bm.posterior(params, x))
+    r = np.asarray(_posterior(params, x))
     assert np.all(np.isfinite(r)) and np.allclose(r.sum(1), 1.0)
     np.testing.assert_allclose(r[0], [1.0, 0.0, 0.0])
     # The E-step sees a -inf log-likelihood but no NaN statistics.
-    stats, ll = bm.e_step(params, x, jnp.ones(4))
+    stats, ll = _e_step(params, x, jnp.ones(4))
     assert ll == -np.inf
     assert all(np.all(np.isfinite(np.asarray(s))) for s in stats)
 
@@ -99,11 +109,11 @@ def test_sample_pixel_frequencies_match_the_mixture_mean(rng):
 def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng):
     params = _random_params(rng, 4, 10)
     x = jnp.asarray(_planted_data(1, n=30, d=10))
-    lp = np.asarray(bm.log_prob(params, x))
-    post = np.asarray(bm.posterior(params, x))
-    np.testing.assert_allclose(bm.elbo(params, jnp.asarray(post), x), lp, rtol=1e-12)
+    lp = np.asarray(_log_prob(params, x))
+    post = np.asarray(_posterior(params, x))
+    np.testing.assert_allclose(_elbo(params, jnp.asarray(post), x), lp, rtol=1e-12)
     q = rng.dirichlet(np.ones(4), size=30)
-    gap = lp - np.asarray(bm.elbo(params, jnp.asarray(q), x))
+    gap = lp - np.asarray(_elbo(params, jnp.asarray(q), x))
     kl = np.sum(q * (np.log(q) - np.log(post)), axis=1)
     np.testing.assert_allclose(gap, kl, rtol=1e-9, atol=1e-12)
     assert np.all(gap > 0)
@@ -112,17 +122,17 @@ def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng):
 def test_m_step_of_expected_stats_maximises_the_elbo_of_any_q(rng):
     x = jnp.asarray(_planted_data(14, n=40, d=8))
     q = jnp.asarray(rng.dirichlet(np.ones(3), size=40))
-    best = bm.m_step(bm.expected_stats(q, x, jnp.ones(40)), FLAT)
-    top = float(jnp.sum(bm.elbo(best, q, x)))
+    best = _m_step(_expected_stats(q, x, jnp.ones(40)), FLAT)
+    top = float(jnp.sum(_elbo(best, q, x)))
     for _ in range(3):
         other = bm.BernoulliMixtureParams(
             jax.nn.softmax(jnp.log(best.weights) + rng.normal(0, 0.05, 3)),
             jax.nn.sigmoid(jax.scipy.special.logit(best.probs) + rng.normal(0, 0.05, (3, 8))),
         )
-        assert float(jnp.sum(bm.elbo(other, q, x))) < top
+        assert float(jnp.sum(_elbo(other, q, x))) < top
     # The E-step is expected_stats at the exact posterior.
-    stats, _ = bm.e_step(best, x, jnp.ones(40))
-    direct = bm.expected_stats(bm.posterior(best, x), x, jnp.ones(40))
+    stats, _ = _e_step(best, x, jnp.ones(40))
+    direct = _expected_stats(_posterior(best, x), x, jnp.ones(40))
     for u, v in zip(stats, direct, strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-13)
 
@@ -147,7 +157,7 @@ def test_m_step_matches_numpy_map_formulas(rng, prior):
     k, d = 4, 7
     nk = rng.uniform(1.0, 20.0, k)
     sk = nk[:, None] * rng.uniform(0.0, 1.0, (k, d))
-    out = bm.m_step(bm.BernoulliMixtureStats(jnp.asarray(nk), jnp.asarray(sk)), prior)
+    out = _m_step(bm.BernoulliMixtureStats(jnp.asarray(nk), jnp.asarray(sk)), prior)
     alpha, a, b = (1.0, 1.0, 1.0) if prior is None else prior
     w = (nk + alpha - 1) / (nk.sum() + k * (alpha - 1))
     p = (sk + a - 1) / (nk[:, None] + a + b - 2)
@@ -177,8 +187,8 @@ def test_m_step_is_a_stationary_point_of_the_expected_complete_log_posterior(pri
     x = jnp.asarray(_planted_data(3, n=80, d=9))
     # A generic point (not a fixed point of EM): probabilities strictly inside (0, 1).
     params = _random_params(np.random.default_rng(4), 3, 9)
-    stats, _ = bm.e_step(params, x, jnp.ones(80))
-    new = bm.m_step(stats, prior)
+    stats, _ = _e_step(params, x, jnp.ones(80))
+    new = _m_step(stats, prior)
     eta = jnp.log(new.weights)
     theta = jnp.log(new.probs) - jnp.log1p(-new.probs)
     prior = bm.BernoulliMixturePrior(*(jnp.asarray(v, jnp.float64) for v in prior))
@@ -194,7 +204,7 @@ def test_m_step_is_a_stationary_point_of_the_expected_complete_log_posterior(pri
 
 def test_empty_component_under_maximum_likelihood_gets_pooled_probs_not_nan():
     stats = bm.BernoulliMixtureStats(jnp.array([5.0, 0.0]), jnp.array([[1.0, 4.0], [0.0, 0.0]]))
-    out = bm.m_step(stats, FLAT)
+    out = _m_step(stats, FLAT)
     np.testing.assert_allclose(out.weights, [1.0, 0.0])
     np.testing.assert_allclose(out.probs, [[0.2, 0.8], [0.2, 0.8]])
 
@@ -209,8 +219,8 @@ def _em_path(params, x, prior):
     """Ten EM iterations; returns the log-likelihood sum and log-prior at each iterate."""
 
     def body(p, _):
-        stats, ll = bm.e_step(p, x, jnp.ones(x.shape[0], x.dtype))
-        return bm.m_step(stats, prior), (ll, bm.log_prior(p, prior))
+        stats, ll = _e_step(p, x, jnp.ones(x.shape[0], x.dtype))
+        return _m_step(stats, prior), (ll, _log_prior(p, prior))
 
     _, (ll, lprior) = jax.lax.scan(body, params, None, length=10)
     return ll, lprior
@@ -274,7 +284,7 @@ _X_FIT = _planted_data(12, n=400, d=12)
 def test_fit_recovers_planted_prototypes_and_reports_consistent_numbers():
     res = bm.fit(jax.random.key(0), _X_FIT, 3, tol=1e-8, a=1.0, b=1.0, **_FIT)
     assert bool(res.converged) and 1 < int(res.num_iter) < 100
-    lp = np.asarray(bm.log_prob(res.params, jnp.asarray(_X_FIT)))
+    lp = np.asarray(_log_prob(res.params, jnp.asarray(_X_FIT)))
     np.testing.assert_allclose(res.log_likelihood, lp.mean(), rtol=1e-12)
     np.testing.assert_allclose(res.log_posterior, res.log_likelihood, rtol=1e-12)  # flat
     # The planted prototypes are 0.85 / 0.1 per pixel: each fitted row sits near one of them.
@@ -284,7 +294,7 @@ def test_fit_recovers_planted_prototypes_and_reports_consistent_numbers():
 
 def test_fit_with_prior_reports_the_log_posterior_it_ranks_restarts_by():
     res = bm.fit(jax.random.key(1), _X_FIT, 3, tol=1e-6, alpha=2.0, a=2.0, b=3.0, **_FIT)
-    expected = res.log_likelihood + bm.log_prior(res.params, MAP) / _X_FIT.shape[0]
+    expected = res.log_likelihood + _log_prior(res.params, MAP) / _X_FIT.shape[0]
     np.testing.assert_allclose(res.log_posterior, expected, rtol=1e-12)
     probs = np.asarray(res.params.probs)
     assert probs.min() > 0 and probs.max() < 1  # a Beta(2, 3) prior: never exactly 0 or 1
