@@ -506,6 +506,26 @@ def e_step(
     return stats, jnp.sum(weights * ll)
 
 
+def expected_stats(
+    q: Float[Array, "n k"], data: GMMData, weights: Float[Array, " n"], *, covariance_type: str
+) -> GMMStats:
+    r"""The statistics :func:`e_step` would return for an *arbitrary* q (not only the posterior).
+
+    :math:`N_j = \sum_i w_i q_{ij}`, :math:`s_j = \sum_i w_i q_{ij} x_i`, and the second
+    moments likewise, so ``m_step(expected_stats(q, data, w), hyper)`` maximises the ELBO of q
+    over the parameters (the closed-form M-step of amortized EM, ``emvi.grid``).
+
+    Args:
+      q: (n, k) a distribution over components for each point.
+      data: :func:`prepare` d data.
+      weights: (n,) point weights.
+      covariance_type: the covariance type (static).
+    """
+    num_cols = data.features.shape[1]
+    d = next(d for d in range(1, num_cols + 1) if _num_second(d, covariance_type) + d == num_cols)
+    return _stats_from_resp(q * weights[:, None], data.features, d)
+
+
 # ---------------------------------------------------------------------------------------
 # M-step
 # ---------------------------------------------------------------------------------------
@@ -639,6 +659,7 @@ def model(covariance_type: str) -> em.ExactModel:
         posterior=lambda params, data: jax.nn.softmax(lj(params, data), axis=1),
         elbo=lambda params, q, data: discrete_elbo(lj(params, data), q),
         prepare=functools.partial(prepare, covariance_type=ct),
+        expected_stats=functools.partial(expected_stats, covariance_type=ct),
     )
 
 
