@@ -1,0 +1,256 @@
+r"""Flax (linen) encoders and decoders for amortized inference.
+
+An encoder is the amortized E-step: it maps a data point to the parameters of q(z | x).
+A decoder is the model p(x | z): it maps a latent to the parameters of a distribution over
+the data, and its ``log_prob(z, x)`` method returns :math:`\log p(x \mid z)` summed over
+data dimensions.
+
+Shape letters: ``n`` data points, ``d`` data dimension, ``l`` latent dimension, ``m``
+classes of a categorical latent, ``s`` Monte Carlo samples. ``...`` is any batch shape.
+
+Positive scales. Every scale is :math:`\mathrm{softplus}(a) + \sigma_{\min}` for an
+unconstrained network output ``a``. Unlike :math:`\exp(a)`, softplus grows linearly, so a
+large pre-activation cannot overflow, and the floor :math:`\sigma_{\min}` (``min_scale``)
+keeps :math:`\log \sigma` and :math:`1/\sigma` bounded, so no log-density can become
+infinite in float32. The pre-activation is shifted by :math:`\log(e - 1)` so that a zero
+output gives scale :math:`1 + \sigma_{\min}`, a neutral starting point.
+
+Parameters are explicit pytrees: ``module.init(key, inputs)`` returns them and
+``module.apply(params, inputs)`` uses them, as usual in linen.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> enc = GaussianEncoder(hidden=(32,), latent_dim=2)
+  >>> x = jnp.zeros((5, 64), jnp.float32)
+  >>> params = enc.init(jax.random.key(0), x)
+  >>> mean, scale = enc.apply(params, x)
+  >>> mean.shape, bool((scale > 0).all())
+  ((5, 2), True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "tanh": nn.tanh,
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+    "softplus": nn.softplus,
+    "swish": nn.swish,
+}
+
+# softplus(_SOFTPLUS_ONE) == 1, so a zero pre-activation maps to unit scale.
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+
+
+def positive_scale(raw: Array, min_scale: float) -> Array:
+    r"""Maps unconstrained ``a`` to :math:`\mathrm{softplus}(a + \log(e-1)) + \sigma_{\min}`."""
+    return jax.nn.softplus(raw + _SOFTPLUS_ONE) + min_scale
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}.")
+    return ACTIVATIONS[name]
+
+
+def _check_sizes(hidden: Sequence[int], out: int, out_name: str) -> None:
+    if any(int(h) < 1 for h in hidden):
+        raise ValueError(f"hidden sizes must all be >= 1; got {tuple(hidden)}.")
+    if int(out) < 1:
+        raise ValueError(f"{out_name} must be >= 1; got {out}.")
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron: Dense layers with an activation between them.
+
+    Attributes:
+      features: output sizes of the layers, the last one being the output size.
+      activation: name of the hidden activation (see ``ACTIVATIONS``).
+      activate_final: also apply the activation after the last layer.
+    """
+
+    features: Sequence[int]
+    activation: str = "relu"
+    activate_final: bool = False
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... f"]:
+        act = _activation(self.activation)
+        for i, size in enumerate(self.features):
+            x = nn.Dense(size, name=f"dense_{i}")(x)
+            if i + 1 < len(self.features) or self.activate_final:
+                x = act(x)
+        return x
+
+
+class GaussianEncoder(nn.Module):
+    r"""Diagonal Gaussian q(z | x) = N(mean(x), diag(scale(x)^2)).
+
+    The scale is ``softplus(a + log(e - 1)) + min_scale`` (see the module docstring), so it
+    is always > ``min_scale``.
+
+    Attributes:
+      hidden: hidden layer sizes.
+      latent_dim: ``l``, the latent dimension.
+      activation: hidden activation name.
+      min_scale: floor added to every scale.
+    """
+
+    hidden: Sequence[int]
+    latent_dim: int
+    activation: str = "relu"
+    min_scale: float = 1e-3
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "... d"]
+    ) -> tuple[Float[Array, "... l"], Float[Array, "... l"]]:
+        _check_sizes(self.hidden, self.latent_dim, "latent_dim")
+        h = MLP(tuple(self.hidden), self.activation, activate_final=True, name="trunk")(x)
+        mean = nn.Dense(self.latent_dim, name="mean")(h)
+        raw = nn.Dense(self.latent_dim, name="scale")(h)
+        return mean, positive_scale(raw, self.min_scale)
+
+
+class CategoricalEncoder(nn.Module):
+    """Categorical q(z | x) over ``num_classes`` values; returns its logits.
+
+    Attributes:
+      hidden: hidden layer sizes.
+      num_classes: ``m``, the number of latent classes.
+      activation: hidden activation name.
+    """
+
+    hidden: Sequence[int]
+    num_classes: int
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... m"]:
+        _check_sizes(self.hidden, self.num_classes, "num_classes")
+        return MLP((*self.hidden, self.num_classes), self.activation, name="net")(x)
+
+
+def bernoulli_log_prob(
+    logits: Float[Array, "... d"], x: Float[Array, "... d"]
+) -> Float[Array, "..."]:
+    r"""Bernoulli log-likelihood from logits, summed over the last axis.
+
+    .. math:: \log p(x \mid \ell) = \sum_j x_j \ell_j - \mathrm{softplus}(\ell_j),
+
+    which equals :math:`x \log \sigma(\ell) + (1 - x) \log(1 - \sigma(\ell))`: the exact
+    log-probability for binary x, and the negative binary cross-entropy (not a normalised
+    density) for grey levels in [0, 1].
+    ``logits`` and ``x`` must have the same rank (broadcast explicitly, e.g. ``x[None]``).
+    """
+    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+
+
+def gaussian_log_prob(
+    mean: Float[Array, "... d"], scale: Float[Array, "... d"], x: Float[Array, "... d"]
+) -> Float[Array, "..."]:
+    r"""Diagonal Gaussian log-density, summed over the last axis.
+
+    .. math:: \log N(x; \mu, \sigma^2) = \sum_j -\tfrac12 ((x_j - \mu_j)/\sigma_j)^2
+        - \log \sigma_j - \tfrac12 \log 2\pi.
+    """
+    z = (x - mean) / scale
+    return jnp.sum(-0.5 * jnp.square(z) - jnp.log(scale) - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
+class BernoulliDecoder(nn.Module):
+    """p(x | z) = prod_j Bernoulli(x_j; sigmoid(logits_j(z))); ``__call__`` returns the logits.
+
+    Attributes:
+      hidden: hidden layer sizes.
+      data_dim: ``d``, the data dimension.
+      activation: hidden activation name.
+    """
+
+    hidden: Sequence[int]
+    data_dim: int
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        _check_sizes(self.hidden, self.data_dim, "data_dim")
+        return MLP((*self.hidden, self.data_dim), self.activation, name="net")(z)
+
+    def log_prob(self, z: Float[Array, "... l"], x: Float[Array, "... d"]) -> Float[Array, "..."]:
+        """log p(x | z) summed over data dimensions; ``x`` has the rank of the output."""
+        return bernoulli_log_prob(self(z), x)
+
+    def mean(self, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """E[x | z] = sigmoid(logits)."""
+        return jax.nn.sigmoid(self(z))
+
+    def sample(self, key: Array, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """Draws x ~ p(x | z) (binary, in the dtype of the logits)."""
+        logits = self(z)
+        return jax.random.bernoulli(key, jax.nn.sigmoid(logits)).astype(logits.dtype)
+
+
+class GaussianDecoder(nn.Module):
+    r"""p(x | z) = N(mean(z), diag(scale^2)) with a learned scale.
+
+    ``variance`` selects how the scale is learned:
+
+    * ``"per_dim"``: one free parameter per data dimension, shared by all z (a vector
+      ``log_scale`` of shape (d,), mapped through the softplus of the module docstring);
+    * ``"per_output"``: a second head of the network, so the scale depends on z.
+
+    ``__call__`` returns ``(mean, scale)``, both of shape (..., d).
+
+    Attributes:
+      hidden: hidden layer sizes.
+      data_dim: ``d``.
+      variance: ``"per_dim"`` or ``"per_output"`` (static).
+      activation: hidden activation name.
+      min_scale: floor added to the scale.
+    """
+
+    hidden: Sequence[int]
+    data_dim: int
+    variance: Literal["per_dim", "per_output"] = "per_dim"
+    activation: str = "relu"
+    min_scale: float = 1e-2
+
+    @nn.compact
+    def __call__(
+        self, z: Float[Array, "... l"]
+    ) -> tuple[Float[Array, "... d"], Float[Array, "... d"]]:
+        _check_sizes(self.hidden, self.data_dim, "data_dim")
+        if self.variance not in ("per_dim", "per_output"):
+            raise ValueError(f"variance must be 'per_dim' or 'per_output'; got {self.variance!r}.")
+        h = MLP(tuple(self.hidden), self.activation, activate_final=True, name="trunk")(z)
+        mean = nn.Dense(self.data_dim, name="mean")(h)
+        if self.variance == "per_output":
+            raw = nn.Dense(self.data_dim, name="scale")(h)
+        else:
+            free = self.param("raw_scale", nn.initializers.zeros_init(), (self.data_dim,))
+            raw = jnp.broadcast_to(free.astype(mean.dtype), mean.shape)
+        return mean, positive_scale(raw, self.min_scale)
+
+    def log_prob(self, z: Float[Array, "... l"], x: Float[Array, "... d"]) -> Float[Array, "..."]:
+        """log p(x | z) summed over data dimensions; ``x`` has the rank of the output."""
+        mean, scale = self(z)
+        return gaussian_log_prob(mean, scale, x)
+
+    def mean(self, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """E[x | z]."""
+        return self(z)[0]
+
+    def sample(self, key: Array, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """Draws x ~ p(x | z)."""
+        mean, scale = self(z)
+        return mean + scale * jax.random.normal(key, mean.shape, mean.dtype)

@@ -1,0 +1,102 @@
+"""Flax encoders and decoders: shapes, positive scales, log-likelihoods against SciPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from emvi import nn as enn
+
+
+def _scaled(params, factor):
+    return jax.tree.map(lambda p: p * factor, params)
+
+
+def test_gaussian_encoder_shapes_and_positive_scale(rng):
+    enc = enn.GaussianEncoder(hidden=(8, 8), latent_dim=3, min_scale=1e-3)
+    x = jnp.asarray(rng.random((5, 6)), jnp.float32)
+    params = enc.init(jax.random.key(0), x)
+    mean, scale = enc.apply(params, x)
+    assert mean.shape == scale.shape == (5, 3)
+    assert mean.dtype == scale.dtype == jnp.float32
+    # Blow the weights up so the scale pre-activations reach +-1e4: a raw exp would
+    # overflow or underflow to 0 here, the softplus + floor stays finite and > min_scale.
+    big = _scaled(params, 300.0)
+    _, scale_big = enc.apply(big, 10.0 * x)
+    _, scale_neg = enc.apply(_scaled(params, -300.0), 10.0 * x)
+    for s in (scale, scale_big, scale_neg):
+        assert bool(jnp.all(jnp.isfinite(s)))
+        assert bool(jnp.all(s >= 1e-3))
+    assert float(jnp.max(scale_big)) > 100.0 or float(jnp.max(scale_neg)) > 100.0
+    assert float(jnp.min(jnp.minimum(scale_big, scale_neg))) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_zero_preactivation_gives_unit_scale():
+    assert float(enn.positive_scale(jnp.zeros(()), 0.0)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_categorical_encoder_logits_shape(rng):
+    enc = enn.CategoricalEncoder(hidden=(8,), num_classes=4)
+    x = jnp.asarray(rng.random((7, 6)), jnp.float32)
+    logits = enc.apply(enc.init(jax.random.key(1), x), x)
+    assert logits.shape == (7, 4)
+    assert np.unique(np.asarray(logits).round(5), axis=1).shape[1] == 4
+
+
+def test_mlp_depth_and_activation_name():
+    mlp = enn.MLP((5, 4, 3), activation="tanh")
+    params = mlp.init(jax.random.key(0), jnp.zeros((1, 2)))
+    assert sorted(params["params"]) == ["dense_0", "dense_1", "dense_2"]
+    with pytest.raises(ValueError, match="activation must be one of"):
+        enn.MLP((3,), activation="sigmoidish").init(jax.random.key(0), jnp.zeros((1, 2)))
+
+
+def test_bernoulli_decoder_log_prob_matches_scipy(rng):
+    dec = enn.BernoulliDecoder(hidden=(8,), data_dim=6)
+    z = jnp.asarray(rng.standard_normal((4, 2)))  # float64: the oracle comparison is tight
+    params = dec.init(jax.random.key(0), z)
+    params = _scaled(params, 3.0)  # logits of several units, not just near zero
+    logits = np.asarray(dec.apply(params, z), np.float64)
+    x = (rng.random((4, 6)) < 0.5).astype(np.float64)
+    got = np.asarray(dec.apply(params, z, jnp.asarray(x), method="log_prob"))
+    want = stats.bernoulli.logpmf(x, special.expit(logits)).sum(axis=1)
+    assert np.abs(logits).max() > 1.0
+    # float32 params, float64 arithmetic: only rounding of the logits' last bits differs.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    mean = np.asarray(dec.apply(params, z, method="mean"))
+    np.testing.assert_allclose(mean, special.expit(logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("variance", ["per_dim", "per_output"])
+def test_gaussian_decoder_log_prob_matches_scipy(rng, variance):
+    dec = enn.GaussianDecoder(hidden=(8,), data_dim=5, variance=variance, min_scale=1e-2)
+    z = jnp.asarray(rng.standard_normal((4, 3)))
+    params = dec.init(jax.random.key(2), z)
+    # Move the scale parameters away from their zero initialisation.
+    params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.standard_normal(p.shape)), params)
+    mean, scale = (np.asarray(a) for a in dec.apply(params, z))
+    x = rng.standard_normal((4, 5))
+    got = np.asarray(dec.apply(params, z, jnp.asarray(x), method="log_prob"))
+    want = stats.norm.logpdf(x, mean, scale).sum(axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert np.all(scale > 1e-2)
+    names = set(params["params"])
+    if variance == "per_dim":
+        assert params["params"]["raw_scale"].shape == (5,)
+        # One scale vector shared by every z.
+        np.testing.assert_array_equal(scale, np.broadcast_to(scale[:1], scale.shape))
+    else:
+        assert "raw_scale" not in names and "scale" in names
+        assert np.std(scale, axis=0).max() > 1e-3
+
+
+def test_gaussian_decoder_rejects_unknown_variance():
+    dec = enn.GaussianDecoder(hidden=(4,), data_dim=3, variance="per_pixel")
+    with pytest.raises(ValueError, match="variance must be 'per_dim' or 'per_output'"):
+        dec.init(jax.random.key(0), jnp.zeros((1, 2)))
+
+
+def test_latent_size_below_one_is_rejected():
+    with pytest.raises(ValueError, match="latent_dim must be >= 1"):
+        enn.GaussianEncoder(hidden=(4,), latent_dim=0).init(jax.random.key(0), jnp.zeros((1, 3)))
