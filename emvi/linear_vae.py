@@ -1,0 +1,251 @@
+r"""The linear-Gaussian VAE: a VAE whose ELBO, optimum and gap are all in closed form.
+
+Generative model (the decoder) and amortized posterior (the encoder):
+
+.. math::
+    z \sim \mathcal N(0, I_l), \qquad x \mid z \sim \mathcal N(W z + \mu, \sigma^2 I_d),
+    \qquad q(z \mid x) = \mathcal N\big(V (x - \mu),\ \mathrm{diag}(s^2)\big),
+
+with a linear encoder mean and a diagonal covariance that does not depend on x (the
+setting of Lucas, Tucker, Grosse & Norouzi, 2019, "Don't Blame the ELBO!"). The decoder
+is probabilistic PCA (:mod:`emvi.ppca`), so :math:`\log p(x)` is exact, and because q is
+Gaussian and the likelihood is Gaussian in z the ELBO needs no sampling: with
+:math:`c = x - \mu`, :math:`m = V c` and :math:`w_j` the j-th column of W,
+
+.. math::
+    \mathrm{ELBO}(x) = -\frac d2 \log(2\pi\sigma^2)
+        - \frac{1}{2\sigma^2}\Big(\|c - W m\|^2 + \sum_j s_j^2 \|w_j\|^2\Big)
+        - \frac12 \sum_j \big(s_j^2 + m_j^2 - 1 - \log s_j^2\big).
+
+The E-step has a closed form too. With :math:`M = W^\top W + \sigma^2 I_l` the exact
+posterior is :math:`\mathcal N(M^{-1} W^\top c, \sigma^2 M^{-1})`; the best q of the
+family above (:func:`optimal_encoder`) has :math:`V = M^{-1} W^\top` and
+:math:`s_j^2 = \sigma^2 / M_{jj}` (the reciprocal diagonal of the posterior precision),
+and its gap is the same for every x,
+
+.. math::
+    \log p(x) - \mathrm{ELBO}(x) = \mathrm{KL}(q \,\|\, p(z \mid x))
+        = \frac12\Big(\sum_j \log M_{jj} - \log |M|\Big) \ \ge 0
+
+(Hadamard's inequality), zero exactly when the columns of W are orthogonal. The
+maximum-likelihood W is unique only up to a rotation of z, and one of those rotations has
+orthogonal columns, so the global maximum of the ELBO *is* the maximum of the
+likelihood: the VAE loses nothing to its diagonal posterior at the optimum.
+
+Shape letters: ``n`` data points, ``d`` data dim, ``l`` latent dim, ``s`` Monte Carlo
+samples.
+
+Example:
+  >>> x = jax.random.normal(jax.random.key(0), (50, 5))
+  >>> params = init_params(jax.random.key(1), x, 2)
+  >>> bool(jnp.all(elbo(params, x) <= log_prob(params, x)))
+  True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Key
+
+from emvi import _checks, ppca
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class LinearVAEParams(NamedTuple):
+    """Parameters of the linear-Gaussian VAE (unconstrained: scales as logarithms).
+
+    Attributes:
+      encoder_weight: :math:`V`, shape (l, d); the encoder mean is :math:`V (x - \\mu)`.
+      encoder_log_scale: :math:`\\log s`, shape (l,); q's standard deviations, shared by
+        every x.
+      loadings: :math:`W`, shape (d, l).
+      mean: :math:`\\mu`, shape (d,), shared by encoder and decoder.
+      log_noise_variance: :math:`\\log \\sigma^2`, a scalar.
+    """
+
+    encoder_weight: Float[Array, "l d"]
+    encoder_log_scale: Float[Array, " l"]
+    loadings: Float[Array, "d l"]
+    mean: Float[Array, " d"]
+    log_noise_variance: Float[Array, ""]
+
+
+def decoder(params: LinearVAEParams) -> ppca.PPCAParams:
+    """The decoder as pPCA parameters (W, mu, sigma^2): the model whose log p(x) is exact."""
+    return ppca.PPCAParams(params.loadings, params.mean, jnp.exp(params.log_noise_variance))
+
+
+def encode(
+    params: LinearVAEParams, x: Float[Array, "n d"]
+) -> tuple[Float[Array, "n l"], Float[Array, " l"]]:
+    """Mean (n, l) and standard deviations (l,) of q(z | x)."""
+    m = (x - params.mean[None, :]) @ params.encoder_weight.T
+    return m, jnp.exp(params.encoder_log_scale)
+
+
+def elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
+    r"""The ELBO of every example, in closed form (no sampling).
+
+    .. math::
+        \mathrm{ELBO}(x) = -\frac d2 \log(2\pi\sigma^2)
+            - \frac{\|c - W m\|^2 + \sum_j s_j^2 \|w_j\|^2}{2\sigma^2}
+            - \frac12 \sum_j \big(s_j^2 + m_j^2 - 1 - \log s_j^2\big),
+        \qquad c = x - \mu,\ m = V c.
+
+    The first two terms are :math:`E_q[\log p(x \mid z)]` (the expected squared residual
+    of a Gaussian z splits into the residual at the mean plus a trace term), the last is
+    :math:`-\mathrm{KL}(q \,\|\, \mathcal N(0, I))`.
+
+    Args:
+      params: the VAE's parameters.
+      x: data, shape (n, d).
+
+    Returns:
+      Shape (n,).
+    """
+    d = x.shape[1]
+    log_var = params.log_noise_variance
+    c = x - params.mean[None, :]
+    m = c @ params.encoder_weight.T
+    resid = c - m @ params.loadings.T
+    s2 = jnp.exp(2.0 * params.encoder_log_scale)
+    trace = jnp.sum(s2 * jnp.sum(params.loadings**2, axis=0))
+    expected_sq = jnp.sum(resid**2, axis=1) + trace
+    recon = -0.5 * (d * (_LOG_2PI + log_var) + expected_sq * jnp.exp(-log_var))
+    kl = 0.5 * (jnp.sum(m**2, axis=1) + jnp.sum(s2 - 1.0 - 2.0 * params.encoder_log_scale))
+    return recon - kl
+
+
+def mc_elbo(
+    key: Key[Array, ""],
+    params: LinearVAEParams,
+    x: Float[Array, "n d"],
+    *,
+    num_samples: int = 1,
+) -> Float[Array, " n"]:
+    r"""A reparameterised Monte Carlo estimate of :func:`elbo` (what a generic VAE computes).
+
+    .. math::
+        \widehat{\mathrm{ELBO}}(x) = \frac1S \sum_{t=1}^S \big[\log p(x \mid z_t)
+            + \log p(z_t) - \log q(z_t \mid x)\big], \qquad z_t = m + s \odot \epsilon_t,
+
+    unbiased for :func:`elbo`; every term is sampled (no analytic KL), so it is the
+    estimator a model-agnostic VAE would use.
+
+    Args:
+      key: a typed PRNG key.
+      params: the VAE's parameters.
+      x: data, shape (n, d).
+      num_samples: S >= 1 (static).
+
+    Returns:
+      Shape (n,).
+    """
+    d = x.shape[1]
+    m, s = encode(params, x)
+    eps = jax.random.normal(key, (num_samples, *m.shape), m.dtype)
+    z = m[None] + s[None, None, :] * eps  # (s, n, l)
+    mean_x = z @ params.loadings.T + params.mean[None, None, :]
+    log_var = params.log_noise_variance
+    log_lik = -0.5 * (
+        d * (_LOG_2PI + log_var) + jnp.sum((x[None] - mean_x) ** 2, axis=-1) * jnp.exp(-log_var)
+    )
+    log_prior = -0.5 * jnp.sum(z**2 + _LOG_2PI, axis=-1)
+    log_s = params.encoder_log_scale[None, None, :]
+    log_q = -0.5 * jnp.sum(eps**2 + _LOG_2PI + 2.0 * log_s, axis=-1)
+    return jnp.mean(log_lik + log_prior - log_q, axis=0)
+
+
+def log_prob(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
+    r"""Exact :math:`\log p(x) = \log \mathcal N(x \mid \mu, W W^\top + \sigma^2 I)` of the
+    decoder (:func:`emvi.ppca.log_prob`)."""
+    return ppca.log_prob(decoder(params), x)
+
+
+def _gram(params: LinearVAEParams) -> Array:
+    """:math:`M = W^\\top W + \\sigma^2 I_l`, shape (l, l)."""
+    w = params.loadings
+    eye = jnp.eye(w.shape[1], dtype=w.dtype)
+    return w.T @ w + jnp.exp(params.log_noise_variance) * eye
+
+
+def optimal_encoder(params: LinearVAEParams) -> LinearVAEParams:
+    r"""The best encoder of the family for the current decoder (the closed-form E-step).
+
+    .. math::
+        V = M^{-1} W^\top, \qquad s_j^2 = \sigma^2 / M_{jj}, \qquad M = W^\top W + \sigma^2 I.
+
+    V gives the exact posterior mean for every x; :math:`s_j^2` is the reciprocal of the
+    j-th diagonal entry of the posterior precision :math:`M / \sigma^2`, which minimises
+    :math:`\mathrm{KL}(q \,\|\, p(z \mid x))` over diagonal covariances. When M is diagonal
+    (orthogonal columns of W) q is the exact posterior.
+
+    Args:
+      params: parameters whose decoder is kept.
+
+    Returns:
+      The same decoder with the optimal encoder.
+    """
+    gram = _gram(params)
+    v = jnp.linalg.solve(gram, params.loadings.T)
+    log_s = 0.5 * (params.log_noise_variance - jnp.log(jnp.diagonal(gram)))
+    return params._replace(encoder_weight=v, encoder_log_scale=log_s)
+
+
+def optimal_encoder_gap(params: LinearVAEParams) -> Float[Array, ""]:
+    r"""The gap :math:`\log p(x) - \mathrm{ELBO}(x)` left by :func:`optimal_encoder`.
+
+    .. math::
+        \mathrm{KL}\big(q^\star \,\|\, p(z \mid x)\big)
+            = \frac12\Big(\sum_j \log M_{jj} - \log|M|\Big),
+
+    the same for every x, >= 0 by Hadamard's inequality and 0 iff :math:`W^\top W` is
+    diagonal.
+    """
+    gram = _gram(params)
+    _, log_det = jnp.linalg.slogdet(gram)
+    return 0.5 * (jnp.sum(jnp.log(jnp.diagonal(gram))) - log_det)
+
+
+def init_params(
+    key: Key[Array, ""], x: Float[Array, "n d"], latent_dim: int, *, scale: float = 0.1
+) -> LinearVAEParams:
+    r"""Random initial parameters that know nothing about the data but its scale.
+
+    :math:`W_{jk}, V_{kj} \sim \mathcal N(0, \mathrm{scale}^2 \bar v)` (resp.
+    :math:`\mathcal N(0, \mathrm{scale}^2 / \bar v)`), :math:`\mu = 0`, :math:`s = 1` and
+    :math:`\sigma^2 = \bar v`, the mean per-feature variance of x.
+
+    Args:
+      key: a typed PRNG key.
+      x: data, shape (n, d) (only its dtype, shape and overall variance are used).
+      latent_dim: l (static).
+      scale: relative size of the random weights.
+
+    Returns:
+      :class:`LinearVAEParams` in the dtype of x.
+    """
+    latent_dim = _checks.check_positive_int(latent_dim, name="latent_dim")
+    k_w, k_v = jax.random.split(key)
+    d = x.shape[1]
+    dtype = x.dtype
+    v_bar = jnp.mean(jnp.var(x, axis=0))
+    w = scale * jnp.sqrt(v_bar) * jax.random.normal(k_w, (d, latent_dim), dtype)
+    v = scale / jnp.sqrt(v_bar) * jax.random.normal(k_v, (latent_dim, d), dtype)
+    return LinearVAEParams(
+        encoder_weight=v,
+        encoder_log_scale=jnp.zeros((latent_dim,), dtype),
+        loadings=w,
+        mean=jnp.zeros((d,), dtype),
+        log_noise_variance=jnp.log(v_bar).astype(dtype),
+    )
+
+
+def negative_elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, ""]:
+    """The training loss: minus the mean closed-form ELBO per example."""
+    return -jnp.mean(elbo(params, x))
