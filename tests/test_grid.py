@@ -254,3 +254,39 @@ def test_bad_settings_raise():
         grid.run_corner(
             jax.random.key(0), "em", model, x.at[0, 0].set(jnp.nan), params=theta0, num_iters=1
         )
+
+
+def test_gaussian_elbo_and_local_fit_on_a_conjugate_model():
+    # p(z) = N(0, 1), p(x | z) = N(z, s2) (two independent coordinates): the posterior is
+    # N(x / (1 + s2), s2 / (1 + s2)), and at the posterior every draw gives log p(x) exactly.
+    s2 = 0.5
+    x = jnp.array([[1.0, -2.0], [0.3, 0.0], [2.5, 1.0]])
+
+    def log_joint(z):  # (s, n, l) -> (s, n)
+        lik = -0.5 * jnp.square(x[None] - z) / s2 - 0.5 * jnp.log(2 * jnp.pi * s2)
+        prior = -0.5 * jnp.square(z) - 0.5 * jnp.log(2 * jnp.pi)
+        return jnp.sum(lik + prior, axis=-1)
+
+    post_mean = x / (1 + s2)
+    post_log_scale = jnp.full_like(x, 0.5 * np.log(s2 / (1 + s2)))
+    log_px = np.sum(-0.5 * np.square(x) / (1 + s2) - 0.5 * np.log(2 * np.pi * (1 + s2)), axis=1)
+    at_post = grid.gaussian_elbo(
+        jax.random.key(0), log_joint, post_mean, post_log_scale, num_samples=4
+    )
+    np.testing.assert_allclose(at_post, log_px, rtol=1e-12)
+    off = grid.gaussian_elbo(
+        jax.random.key(0), log_joint, post_mean + 0.3, post_log_scale, num_samples=4
+    )
+    assert np.all(np.asarray(off) < log_px)  # at a shifted mean every draw is below
+    mean, log_scale = jax.jit(
+        lambda m, s: grid.fit_local_gaussian(
+            jax.random.key(1),
+            log_joint,
+            m,
+            s,
+            num_steps=1500,
+            learning_rate=optax.cosine_decay_schedule(0.05, 1500),
+        )
+    )(jnp.zeros_like(x), jnp.zeros_like(x))
+    np.testing.assert_allclose(mean, post_mean, atol=0.05)
+    np.testing.assert_allclose(log_scale, post_log_scale, atol=0.1)
