@@ -393,7 +393,8 @@ def main(cfg: Config) -> dict:
         },
         "command": " ".join(["python", *sys.argv])
         if sys.argv and sys.argv[0].endswith("em_vs_vi.py")
-        else COMMAND,
+        else "em_vs_vi.main(Config(...)) from Python (settings in config.json; the headline "
+        f"command is {COMMAND})",
     }
     runs.write_json(workdir / "results.json", results)
     if cfg.plots:
@@ -566,7 +567,11 @@ def write_report(workdir) -> Path:
     lines = [
         "# EM vs amortized VI on digits-bin",
         "",
-        f"Command: `{res['command']}`  ",
+        (
+            f"Command: `{res['command']}`  "
+            if res["command"].startswith("python ")
+            else f"Command: {res['command']}  "
+        ),
         f"Data: {res['dataset']}; scored on {res['num_train']} train / {res['num_test']} test"
         f" images; all numbers in {res['units']}.  ",
         f"Run time: {res['total_time_s']:.0f} s on {machine['backend']} "
