@@ -541,7 +541,7 @@ def fit(
     resumed_from = None
     try:
         if workdir is not None:
-            workdir = Path(workdir)
+            workdir = Path(workdir).absolute()  # orbax needs absolute paths
             workdir.mkdir(parents=True, exist_ok=True)
             checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=max_checkpoints)
             latest = checkpoints.latest_epoch()
@@ -675,7 +675,7 @@ def load_checkpoint(
     Raises:
       ValueError: if there is no such checkpoint or it does not fit ``params``.
     """
-    directory = Path(workdir) / CHECKPOINT_DIR
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
     if not directory.is_dir():
         raise ValueError(f"No checkpoints in {workdir}: {directory} does not exist.")
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), _dtype(p)), params)

@@ -336,3 +336,22 @@ def test_bad_inputs_raise(kwargs, message):
     args = {"batch_size": BATCH, "num_epochs": 2, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         fit(jax.random.key(0), linear_loss, init_params(), optimizer(), x, **args)
+
+
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """orbax wants absolute paths; fit must accept a relative run folder all the same."""
+    monkeypatch.chdir(tmp_path)
+    data = make_data()
+    kwargs = dict(batch_size=BATCH, progress=False, workdir="relative_run")
+    first = fit(
+        jax.random.key(0), linear_loss, init_params(), optimizer(), data, num_epochs=1, **kwargs
+    )
+    assert (tmp_path / "relative_run" / "checkpoints").is_dir()
+    second = fit(
+        jax.random.key(0), linear_loss, init_params(), optimizer(), data, num_epochs=2, **kwargs
+    )
+    assert second.resumed_from == 0
+    assert int(second.state.step) == 2 * int(first.state.step)
+    state, epoch = load_checkpoint("relative_run", init_params(), optimizer())
+    assert epoch == 1
+    assert_trees_equal(state.params, second.state.params)
