@@ -188,6 +188,8 @@ def headline_run(tmp_path_factory):
     cfg = exp.Config(
         workdir=workdir,
         components=(3,),
+        beta_grid=(1.1, 2.0),
+        validation_size=20,
         mixture_num_init=2,
         mixture_max_iter=15,
         trace_iters=3,
@@ -235,7 +237,7 @@ def test_headline_writes_every_number_figure_and_the_report(headline_run):
         assert f"]({fig})" in report
     assert "from Python" in report  # not run from the command line: no made-up command
     rows = [json.loads(line) for line in (cfg.workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in rows} >= {"mixture_em", "em_trace", "summary"}
+    assert {r["phase"] for r in rows} >= {"prior_selection", "mixture_em", "em_trace", "summary"}
     with pytest.raises(ValueError, match="overwrite"):
         exp.main(cfg)
 
