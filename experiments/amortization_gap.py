@@ -407,12 +407,14 @@ def plot(workdir) -> list[Path]:
     plt.close(fig)
     paths.append(path)
 
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.0), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        gaps = dict(results[name]["gaps"])
-        gvae = results.get("gaussian_vae", {})
-        if name == "digits" and gvae.get("status") == "done":
-            gaps["gaussian_vae"] = {"train": gvae["train"], "test": gvae["test"]}
+    panels = [(results[n]["gaps"], results[n]["description"]) for n in names]
+    gvae = results.get("gaussian_vae", {})
+    if gvae.get("status") == "done":
+        panels.append(
+            ({"gaussian_vae": {s_: gvae[s_] for s_ in ("train", "test")}}, gvae["description"])
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (gaps, title) in zip(axes[0], panels, strict=True):
         labels, approx, amort = [], [], []
         for label, by_split in gaps.items():
             for split_name in ("train", "test"):
@@ -423,15 +425,16 @@ def plot(workdir) -> list[Path]:
         pos = np.arange(len(labels))
         ax.bar(pos, approx, color="0.6", label="approximation gap (measured)")
         ax.bar(pos, amort, bottom=np.maximum(approx, 0.0), color="C3", label="amortization gap")
-        ax.set_xticks(pos, labels, fontsize=7)
-        ax.set_ylim(bottom=0.0)
+        ax.set_xticks(pos, labels, fontsize=7, rotation=30)
+        tops = np.maximum(approx, 0.0) + np.asarray(amort)
+        ax.set_ylim(0.0, 1.4 * max(float(np.max(tops, initial=0.0)), 1e-12))  # room for the legend
         ax.set_ylabel("nats per example")
         ax.set_xlabel(
             f"approximation gap (measured): max |.| = {max(np.abs(approx), default=0):.1e} nats",
             fontsize=8,
         )
-        ax.set_title(results[name]["description"], fontsize=9)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("log p(x) - ELBO(q_phi) = approximation gap + amortization gap")
     fig.tight_layout()
     path = workdir / "gaps.png"
