@@ -452,7 +452,7 @@ def plot(workdir) -> list[Path]:
 
     # 1. Test log-likelihood and ELBO per method.
     methods = res["methods"]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(methods) + 1.9))
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(methods) + 1.9))
     ys = np.arange(len(methods))[::-1]
     for y, m in zip(ys, methods, strict=True):
         colour = "C0" if m["family"] == "em" else "C3"
