@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 ## The headline experiment on the embedded digits data (results, figures and report in $(WORKDIR)).
 main: $(STAMP)
-	$(BIN)/python experiments/gmm_em.py --workdir $(WORKDIR) --overwrite
+	$(BIN)/python experiments/em_vs_vi.py --workdir $(WORKDIR) --overwrite
 
 ## The whole test suite (lint first: a style error fails CI as a test would).
 test: $(STAMP)
