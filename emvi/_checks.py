@@ -7,11 +7,16 @@ input, and the maths is written so clean input never produces NaN.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
 def as_data_matrix(x, *, name: str = "x", min_rows: int = 1) -> np.ndarray:
-    """Returns ``x`` as a finite 2-D floating array, or raises ``ValueError``."""
+    """Returns ``x`` as a finite 2-D floating array, or raises ``ValueError``.
+
+    Integer and boolean input becomes float32; float64 input stays float64 only when JAX's
+    x64 mode is on (otherwise JAX would truncate it to float32 anyway, with a warning).
+    """
     try:
         arr = np.asarray(x)
     except Exception as err:  # pragma: no cover - exotic inputs
@@ -23,6 +28,10 @@ def as_data_matrix(x, *, name: str = "x", min_rows: int = 1) -> np.ndarray:
             arr = arr.astype(np.float32)
         else:
             raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}.")
+    if arr.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
+        # What JAX would do anyway, minus a warning per array: without x64, float64 input
+        # runs in float32.
+        arr = arr.astype(np.float32)
     if arr.shape[0] < min_rows:
         raise ValueError(f"{name} needs at least {min_rows} rows; got {arr.shape[0]}.")
     if arr.shape[1] < 1:

@@ -20,3 +20,24 @@ def test_jaxtyping_checks_shapes():
     with pytest.raises(Exception):  # noqa: B017 - jaxtyping raises its own error type
         discrete_elbo(jnp.zeros((3, 2)), jnp.zeros((4, 2)))
     assert jax.default_backend() in {"cpu", "gpu", "tpu"}
+
+
+def test_float64_input_without_x64_becomes_float32_quietly():
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, numpy as np; warnings.simplefilter('error');"
+        "from emvi._checks import as_data_matrix;"
+        "print(as_data_matrix(np.zeros((3, 2))).dtype)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "float32"
+
+
+def test_float64_input_with_x64_stays_float64():
+    import numpy as np
+
+    from emvi._checks import as_data_matrix
+
+    assert as_data_matrix(np.zeros((3, 2))).dtype == np.float64
