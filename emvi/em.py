@@ -304,6 +304,26 @@ class EMTrace(NamedTuple):
     params: PyTree
 
 
+def _trace_step(model: ExactModel, theta: PyTree, data: PyTree, weights: Array, hyper: PyTree):
+    """One EM iteration, with log-likelihood and ELBO after its E and its M half-step."""
+    wsum = jnp.sum(weights)
+
+    def wmean(v):
+        return jnp.sum(weights * v) / wsum
+
+    q = model.posterior(theta, data)
+    ll_e = wmean(model.log_prob(theta, data))
+    elbo_e = wmean(model.elbo(theta, q, data))
+    stats, _ = model.e_step(theta, data, weights)
+    new_theta = model.m_step(stats, hyper)
+    ll_m = wmean(model.log_prob(new_theta, data))
+    elbo_m = wmean(model.elbo(new_theta, q, data))
+    return new_theta, jnp.stack([ll_e, ll_m]), jnp.stack([elbo_e, elbo_m])
+
+
+_trace_step_jit = jax.jit(_trace_step, static_argnames=("model",))
+
+
 def em_trace(
     model: ExactModel,
     params: PyTree,
@@ -313,30 +333,27 @@ def em_trace(
     num_iter: int,
     hyper: PyTree = None,
 ) -> EMTrace:
-    """Runs ``num_iter`` EM iterations, recording both half-steps (``lax.scan``)."""
+    """Runs ``num_iter`` EM iterations, recording both half-steps.
+
+    ``data`` is what ``model.prepare`` returns (or ``x`` when the model has none). The
+    iterations run as a Python loop over one jitted iteration rather than a ``lax.scan``:
+    this is a diagnostic of a few dozen iterations, so the loop costs nothing measurable,
+    and with jax/jaxlib 0.10.2 a ``lax.scan`` of this body deadlocked XLA:CPU's thunk
+    runtime on a full-covariance GMM of the digits (1797 x 64; every thread idle in a
+    futex, for scan lengths >= 2; fine with ``--xla_cpu_use_thunk_runtime=false``).
+    """
     n = _leading_dim(data)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     if weights is None:
         weights = jnp.ones(n, dtype)
-    wsum = jnp.sum(weights)
-
-    def wmean(v):
-        return jnp.sum(weights * v) / wsum
-
-    def body(theta, _):
-        q = model.posterior(theta, data)
-        ll_e = wmean(model.log_prob(theta, data))
-        elbo_e = wmean(model.elbo(theta, q, data))
-        stats, _ = model.e_step(theta, data, weights)
-        new_theta = model.m_step(stats, hyper)
-        ll_m = wmean(model.log_prob(new_theta, data))
-        elbo_m = wmean(model.elbo(new_theta, q, data))
-        ll = jnp.stack([ll_e, ll_m])
-        elbo = jnp.stack([elbo_e, elbo_m])
-        return new_theta, (ll, elbo)
-
-    final, (ll, elbo) = lax.scan(body, params, None, length=num_iter)
-    return EMTrace(ll, elbo, ll - elbo, final)
+    theta, lls, elbos = params, [], []
+    for _ in range(num_iter):
+        theta, ll, elbo = _trace_step_jit(model, theta, data, weights, hyper)
+        lls.append(ll)
+        elbos.append(elbo)
+    ll = jnp.stack(lls) if lls else jnp.zeros((0, 2), dtype)
+    elbo = jnp.stack(elbos) if elbos else jnp.zeros((0, 2), dtype)
+    return EMTrace(ll, elbo, ll - elbo, theta)
 
 
 def fit_em(

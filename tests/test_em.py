@@ -169,3 +169,34 @@ def test_expected_stats_of_the_posterior_equal_the_e_step():
     again = TOY.expected_stats(TOY.posterior(P0, x), x, w)
     for a, b in zip(stats, again, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_em_trace_does_not_hang_on_a_full_covariance_digits_gmm():
+    """Regression: a lax.scan version of em_trace deadlocked XLA:CPU here (jax 0.10.2)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from emvi import em, gmm
+        from emvi.data import load_digits
+        x, y = load_digits()
+        x = x - x.mean(0)
+        k = 10
+        means = np.stack([x[y == c].mean(0) for c in range(k)])
+        params = gmm.GMMParams(jnp.full(k, 0.1), jnp.asarray(means),
+                               jnp.broadcast_to(4.0 * jnp.eye(64), (k, 64, 64)))
+        model = gmm.model("full")
+        tr = em.em_trace(model, params, model.prepare(jnp.asarray(x)), num_iter=3,
+                         hyper=gmm.GMMHyper(jnp.asarray(0.1)))
+        ll = np.asarray(tr.log_likelihood)
+        assert np.all(np.isfinite(ll)) and np.all(np.diff(ll.ravel()) >= -1e-9), ll
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
