@@ -97,3 +97,17 @@ def check_sample_weight(sample_weight, num_points: int) -> np.ndarray | None:
     if not np.any(w > 0):
         raise ValueError("sample_weight is zero everywhere; at least one point needs weight.")
     return w
+
+
+def check_em_settings(*, max_iter, tol, num_init, chunk_size) -> tuple[int, float, int, int | None]:
+    """Validates the loop settings every EM ``fit`` takes; returns them cleaned.
+
+    ``max_iter`` and ``num_init`` are integers >= 1, ``tol`` a finite number >= 0 and
+    ``chunk_size`` None or an integer >= 1.
+    """
+    max_iter = check_positive_int(max_iter, name="max_iter")
+    num_init = check_positive_int(num_init, name="num_init")
+    tol = check_nonnegative(tol, name="tol")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, name="chunk_size")
+    return max_iter, tol, num_init, chunk_size

@@ -502,12 +502,10 @@ def fit(
     k = _checks.check_positive_int(num_components, name="num_components")
     if k > n:
         raise ValueError(f"num_components must be <= the number of points ({n}); got {k}.")
-    max_iter = _checks.check_positive_int(max_iter, name="max_iter")
-    num_init = _checks.check_positive_int(num_init, name="num_init")
-    tol = _checks.check_nonnegative(tol, name="tol")
+    max_iter, tol, num_init, chunk_size = _checks.check_em_settings(
+        max_iter=max_iter, tol=tol, num_init=num_init, chunk_size=chunk_size
+    )
     _checks.check_choice(init, name="init", choices=INITS)
-    if chunk_size is not None:
-        chunk_size = _checks.check_positive_int(chunk_size, name="chunk_size")
     for name, value in (("alpha", alpha), ("a", a), ("b", b)):
         v = float(value)
         if not np.isfinite(v) or v < 1:

@@ -126,6 +126,7 @@ from emvi import em
 from emvi._checks import (
     as_data_matrix,
     check_choice,
+    check_em_settings,
     check_nonnegative,
     check_positive_int,
     check_sample_weight,
@@ -1074,12 +1075,10 @@ def fit(
         raise ValueError(
             f"num_components={num_components} is larger than the number of points ({n})."
         )
-    max_iter = check_positive_int(max_iter, name="max_iter")
-    num_init = check_positive_int(num_init, name="num_init")
-    tol = check_nonnegative(tol, name="tol")
+    max_iter, tol, num_init, chunk_size = check_em_settings(
+        max_iter=max_iter, tol=tol, num_init=num_init, chunk_size=chunk_size
+    )
     reg_covar = check_nonnegative(reg_covar, name="reg_covar")
-    if chunk_size is not None:
-        chunk_size = check_positive_int(chunk_size, name="chunk_size")
     w = check_sample_weight(sample_weight, n)
     init_params = None
     if isinstance(init, str):

@@ -607,12 +607,10 @@ def fit(
         settings.
     """
     arr = validate_inputs(x, latent_dim)
-    max_iter = _checks.check_positive_int(max_iter, name="max_iter")
-    num_init = _checks.check_positive_int(num_init, name="num_init")
-    tol = _checks.check_nonnegative(tol, name="tol")
+    max_iter, tol, num_init, chunk_size = _checks.check_em_settings(
+        max_iter=max_iter, tol=tol, num_init=num_init, chunk_size=chunk_size
+    )
     noise_floor = _checks.check_nonnegative(noise_floor, name="noise_floor")
-    if chunk_size is not None:
-        chunk_size = _checks.check_positive_int(chunk_size, name="chunk_size")
     dtype = arr.dtype
     return _fit_device(
         key,
