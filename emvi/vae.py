@@ -70,8 +70,30 @@ def _check_decoder(decoder) -> None:
         )
 
 
+class _EncoderDecoder:
+    """What both VAEs share: the decoder's data size and likelihood, and ``init``."""
+
+    decoder: Decoder
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.decoder.data_dim)
+
+    @property
+    def likelihood(self) -> str:
+        return "bernoulli" if isinstance(self.decoder, enn.BernoulliDecoder) else "gaussian"
+
+    def init(self, key: Array) -> VAEParams:
+        """Initialises encoder and decoder parameters (float32); the decoder reads a
+        ``latent_dim``-vector (the one-hot code, for the categorical VAE)."""
+        k_enc, k_dec = jax.random.split(key)
+        x = jnp.zeros((1, self.data_dim), jnp.float32)
+        z = jnp.zeros((1, self.latent_dim), jnp.float32)
+        return VAEParams(self.encoder.init(k_enc, x), self.decoder.init(k_dec, z))
+
+
 @dataclasses.dataclass(frozen=True)
-class GaussianVAE:
+class GaussianVAE(_EncoderDecoder):
     """A VAE with Gaussian latents z in R^l and a standard normal prior.
 
     Attributes:
@@ -93,24 +115,9 @@ class GaussianVAE:
     def latent_dim(self) -> int:
         return int(self.encoder.latent_dim)
 
-    @property
-    def data_dim(self) -> int:
-        return int(self.decoder.data_dim)
-
-    @property
-    def likelihood(self) -> str:
-        return "bernoulli" if isinstance(self.decoder, enn.BernoulliDecoder) else "gaussian"
-
-    def init(self, key: Array) -> VAEParams:
-        """Initialises encoder and decoder parameters (float32)."""
-        k_enc, k_dec = jax.random.split(key)
-        x = jnp.zeros((1, self.data_dim), jnp.float32)
-        z = jnp.zeros((1, self.latent_dim), jnp.float32)
-        return VAEParams(self.encoder.init(k_enc, x), self.decoder.init(k_dec, z))
-
 
 @dataclasses.dataclass(frozen=True)
-class CategoricalVAE:
+class CategoricalVAE(_EncoderDecoder):
     """A VAE with a categorical latent over m classes and a uniform prior 1/m.
 
     The decoder reads the one-hot code of a class, so p(x | k) = decoder(e_k): with a
@@ -142,21 +149,6 @@ class CategoricalVAE:
     @property
     def latent_dim(self) -> int:
         return self.num_classes
-
-    @property
-    def data_dim(self) -> int:
-        return int(self.decoder.data_dim)
-
-    @property
-    def likelihood(self) -> str:
-        return "bernoulli" if isinstance(self.decoder, enn.BernoulliDecoder) else "gaussian"
-
-    def init(self, key: Array) -> VAEParams:
-        """Initialises encoder and decoder parameters (float32)."""
-        k_enc, k_dec = jax.random.split(key)
-        x = jnp.zeros((1, self.data_dim), jnp.float32)
-        z = jnp.zeros((1, self.num_classes), jnp.float32)
-        return VAEParams(self.encoder.init(k_enc, x), self.decoder.init(k_dec, z))
 
 
 Model = GaussianVAE | CategoricalVAE
