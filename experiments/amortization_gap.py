@@ -445,6 +445,11 @@ def plot(workdir) -> list[Path]:
 
 
 if __name__ == "__main__":
-    import tyro
+    import sys
 
-    main(tyro.cli(Config))
+    if len(sys.argv) > 2 and sys.argv[1] == "plot":  # remake the figures from a run folder
+        print(plot(sys.argv[2]))
+    else:
+        import tyro
+
+        main(tyro.cli(Config))

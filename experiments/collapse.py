@@ -705,4 +705,11 @@ def plot(workdir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "plot":  # remake the figures from a run folder
+        print(plot(sys.argv[2]))
+    else:
+        import tyro
+
+        main(tyro.cli(Config))
