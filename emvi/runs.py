@@ -42,6 +42,30 @@ _LIBRARIES = (
 )
 
 
+def load_script(path: str | os.PathLike):
+    """Imports a script (``experiments/vae.py``, say) as a module, once per process.
+
+    Experiment scripts are not package modules; experiments that reuse each other and the
+    tests that call their ``main`` load them with this. The module is registered in
+    ``sys.modules`` (as ``_emvi_script_<stem>``) before it runs, which dataclasses need.
+    """
+    import importlib.util
+
+    path = Path(path).resolve()
+    name = f"_emvi_script_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def git_sha(path: str | os.PathLike | None = None) -> str | None:
     """Returns the git commit of the source tree (with ``-dirty`` if modified), or None."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent

@@ -37,7 +37,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -104,15 +103,9 @@ class Config:
 
 def load_vae_experiment():
     """Imports ``experiments/vae.py`` (a script, not a package module) from its file."""
-    name = "_emvi_experiments_vae"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent / "vae.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses need the module registered while it runs
-    spec.loader.exec_module(module)
-    return module
+    from emvi.runs import load_script
+
+    return load_script(Path(__file__).resolve().parent / "vae.py")
 
 
 def load_split(cfg: Config):

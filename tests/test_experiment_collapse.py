@@ -1,9 +1,7 @@
 """Smoke test of experiments/collapse.py: tiny settings, files written, no clobbering."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -11,16 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from emvi.runs import load_script
+
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "collapse.py"
 
 
 @pytest.fixture(scope="module")
 def collapse():
-    spec = importlib.util.spec_from_file_location("collapse_experiment", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def _tiny(module, workdir, **overrides):

@@ -3,28 +3,19 @@
 Both are scripts, not modules of the package, so they are imported from their files.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from emvi.runs import read_metrics
+from emvi.runs import load_script, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(rel: str):
-    name = "_emvi_" + Path(rel).stem
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses need the module registered while it executes
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / rel)
 
 
 gmm_em = _load("experiments/gmm_em.py")

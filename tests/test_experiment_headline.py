@@ -6,10 +6,8 @@ The smoke tests run each ``main`` once on tiny settings (module-scoped fixtures)
 check the run folder; the property tests check the closed-form ELBO of the linear VAE.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -20,20 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emvi import linear_vae, ppca
+from emvi.runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D, L = 7, 5, 3
 
 
 def _load(rel: str):
-    name = "_emvi_" + Path(rel).stem
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses need the module registered while it executes
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / rel)
 
 
 def _random_params(key) -> linear_vae.LinearVAEParams:

@@ -1,22 +1,18 @@
 """Smoke test of experiments/vae.py on tiny settings (seconds, not minutes)."""
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from emvi.runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("experiment_vae", ROOT / "experiments/vae.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "experiments/vae.py")
 
 
 def _snapshot(folder: Path) -> dict:
