@@ -199,21 +199,25 @@ def _fit_pair(key, x, y, inits, *, covariance_type, cfg, reg_covar, name, log, x
     from sklearn.metrics import adjusted_rand_score
 
     xj = jnp.asarray(x)
+
+    def fit_one(i, init):
+        return jax.block_until_ready(
+            gmm.fit(
+                jax.random.fold_in(key, i),
+                xj,
+                len(init[0]),
+                covariance_type=covariance_type,
+                init=gmm.GMMParams(*(jnp.asarray(a) for a in init)),
+                max_iter=cfg.max_iter,
+                tol=cfg.tol,
+                reg_covar=reg_covar,
+            )
+        )
+
     fits, first_call = [], None
     for i, init in enumerate(inits):
-        p0 = gmm.GMMParams(*(jnp.asarray(a) for a in init))
         t0 = time.perf_counter()
-        fit = gmm.fit(
-            jax.random.fold_in(key, i),
-            xj,
-            len(init[0]),
-            covariance_type=covariance_type,
-            init=p0,
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            reg_covar=reg_covar,
-        )
-        jax.block_until_ready(fit)
+        fit = fit_one(i, init)
         if first_call is None:
             first_call = time.perf_counter() - t0
         fits.append(fit)
@@ -229,19 +233,7 @@ def _fit_pair(key, x, y, inits, *, covariance_type, cfg, reg_covar, name, log, x
     # Warm timing (compile excluded): refit every init once more.
     t0 = time.perf_counter()
     for i, init in enumerate(inits):
-        p0 = gmm.GMMParams(*(jnp.asarray(a) for a in init))
-        jax.block_until_ready(
-            gmm.fit(
-                jax.random.fold_in(key, i),
-                xj,
-                len(init[0]),
-                covariance_type=covariance_type,
-                init=p0,
-                max_iter=cfg.max_iter,
-                tol=cfg.tol,
-                reg_covar=reg_covar,
-            )
-        )
+        fit_one(i, init)
     warm = time.perf_counter() - t0
     lls = [float(_evaluate(f.params, xj, covariance_type=covariance_type)[0]) for f in fits]
     best_i = int(np.nanargmax(lls))
