@@ -39,28 +39,52 @@ PyTree = Any
 
 
 class ExactModel(NamedTuple):
-    """A latent-variable model with a tractable posterior, as pure functions.
+    r"""A latent-variable model with a tractable posterior, as pure functions: the one protocol.
 
+    Every model module of emvi (``gmm``, ``bernoulli_mixture``, ``linear_gaussian``, ``hmm``,
+    a user's own) returns one of these from its ``model(...)`` function, and every algorithm
+    of the EM/VI grid (:mod:`emvi.grid`) and the fit driver (:func:`fit`) use nothing else.
     The tuple is hashable (it holds only functions), so it is passed to jitted drivers as a
     static argument; every array-valued hyperparameter travels in ``hyper`` instead.
+
+    ``data`` below is what ``prepare(x)`` returns (``x`` itself when ``prepare`` is None), a
+    pytree with leading axis ``n``; ``q`` is a pytree of per-example variational parameters
+    with leading axis ``n`` in the layout of ``posterior``'s output (responsibilities (n, k)
+    for a finite latent, a Gaussian's mean and covariance for a continuous one).
+
+    The exact face (EM):
 
     Attributes:
       e_step: ``(params, data, weights) -> (stats, log_lik_sum)``. ``stats`` is a pytree of
         expected sufficient statistics summed over the data with ``weights`` (n,);
-        ``log_lik_sum`` is :math:`\\sum_i w_i \\log p(x_i)` at ``params``.
+        ``log_lik_sum`` is :math:`\sum_i w_i \log p(x_i)` at ``params``.
       m_step: ``(stats, hyper) -> params``, the closed-form maximiser of the expected
         complete-data log-likelihood (plus log-prior for MAP-EM).
-      log_prob: ``(params, data) -> (n,)``, :math:`\\log p(x_i)`.
-      posterior: ``(params, data) -> q``, the exact posterior of each example (a pytree whose
-        leaves have leading axis ``n``).
-      elbo: ``(params, q, data) -> (n,)``, the ELBO of ``q`` under ``params``.
-      prepare: optional ``x -> data``, run once before the loop (for example to centre the
-        data or precompute outer products); ``data`` is a pytree with leading axis ``n``.
+      log_prob: ``(params, data) -> (n,)``, :math:`\log p(x_i)`.
+      posterior: ``(params, data) -> q``, the exact posterior of each example.
+      elbo: ``(params, q, data) -> (n,)``,
+        :math:`E_{q_i}[\log p(x_i, z)] - E_{q_i}[\log q_i(z)]`; differentiable in both
+        ``params`` and ``q`` (the gradient M-step and the local variational E-step climb it).
+      prepare: optional ``x -> data``, run once before the loop (for example to precompute
+        outer products).
       expected_stats: optional ``(q, data, weights) -> stats``, the statistics that
-        ``e_step`` would return for an *arbitrary* q (same layout as ``posterior``'s output).
-        With it, any q (an amortized encoder's, say) can drive the closed-form M-step:
-        ``m_step(expected_stats(q, data, w), hyper)``. ``e_step(params, data, w)`` must
-        equal ``expected_stats(posterior(params, data), data, w)`` plus the log-likelihood.
+        ``e_step`` would return for an *arbitrary* q. With it, any q (an encoder's, a local
+        optimiser's) drives the closed-form M-step: ``m_step(expected_stats(q, data, w),
+        hyper)``. ``e_step(params, data, w)`` equals
+        ``expected_stats(posterior(params, data), data, w)`` plus the log-likelihood.
+
+    The gradient face (generalised EM, variational EM, VAEs; in the manner of dynamax's
+    parameter properties, kept with the model):
+
+    Attributes:
+      to_unconstrained: ``params -> u``, a pytree of unconstrained real arrays.
+      from_unconstrained: ``u -> params``, the inverse; every real ``u`` is valid.
+      log_prior: optional ``(params, hyper) -> scalar``, the log prior that ``m_step`` adds
+        for MAP estimation (up to a constant); the gradient M-step adds it too, so both
+        M-steps climb the same objective. None means a flat prior.
+      q_to_unconstrained: ``q -> (n, m)``, the variational parameters of each example as
+        one unconstrained vector (an encoder's output layer, a local optimiser's variable).
+      q_from_unconstrained: ``(n, m) -> q``, the inverse.
     """
 
     e_step: Callable[..., tuple[PyTree, Array]]
@@ -70,6 +94,31 @@ class ExactModel(NamedTuple):
     elbo: Callable[..., Array]
     prepare: Callable[..., PyTree] | None = None
     expected_stats: Callable[..., PyTree] | None = None
+    to_unconstrained: Callable[[PyTree], PyTree] | None = None
+    from_unconstrained: Callable[[PyTree], PyTree] | None = None
+    log_prior: Callable[[PyTree, PyTree], Array] | None = None
+    q_to_unconstrained: Callable[[PyTree], Array] | None = None
+    q_from_unconstrained: Callable[[Array], PyTree] | None = None
+
+    def prepare_data(self, x: PyTree) -> PyTree:
+        """``prepare(x)``, or ``x`` itself when the model has no ``prepare``."""
+        return self.prepare(x) if self.prepare is not None else x
+
+
+def require(model: ExactModel, *fields: str, purpose: str) -> None:
+    """Raises a ``ValueError`` naming what ``model`` lacks for ``purpose``.
+
+    Example:
+      >>> m = ExactModel(*(lambda *a: None for _ in range(5)))
+      >>> require(m, "expected_stats", purpose="the closed-form M-step from an arbitrary q")
+      Traceback (most recent call last):
+        ...
+      ValueError: the closed-form M-step from an arbitrary q needs the model's expected_stats, which this model lacks.
+    """
+    missing = [f for f in fields if getattr(model, f) is None]
+    if missing:
+        names = " and ".join(missing)
+        raise ValueError(f"{purpose} needs the model's {names}, which this model lacks.")
 
 
 class EMState(NamedTuple):
@@ -284,6 +333,95 @@ def run_em_restarts(
     )(params)
     best, _ = select_best(batched)
     return best, batched
+
+
+class FitResult(NamedTuple):
+    """What every model's ``fit`` returns (through :func:`fit`).
+
+    Attributes:
+      params: the parameters of the best restart after its last M-step.
+      log_likelihood: mean (weighted) log-likelihood of ``params`` (one extra pass after the
+        loop; scikit-learn's ``lower_bound_`` is ``history[num_iter - 1]`` instead).
+      history: (max_iter,) mean log-likelihood at the start of each iteration of the best
+        restart; NaN from ``num_iter`` on.
+      num_iter: iterations the best restart ran.
+      converged: whether its stopping rule fired before ``max_iter``.
+      restart_log_likelihoods: (r,) final mean log-likelihood of every restart.
+    """
+
+    params: PyTree
+    log_likelihood: Float[Array, ""]
+    history: Float[Array, " t"]
+    num_iter: Int[Array, ""]
+    converged: Bool[Array, ""]
+    restart_log_likelihoods: Float[Array, " r"]
+
+
+def _fit(model, params, x, weights, tol, hyper, *, max_iter, chunk_size):
+    data = model.prepare_data(x)
+    n = _leading_dim(data)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if weights is None:
+        weights = jnp.ones(n, dtype)
+    runs = jax.vmap(
+        lambda p: run_em(
+            model, p, data, weights, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
+        )
+    )(params)
+    score = runs.log_likelihood
+    if model.log_prior is not None:
+        # MAP-EM climbs the log posterior: pick the restart that reached the highest one.
+        log_prior = jax.vmap(lambda p: model.log_prior(p, hyper))(runs.params)
+        score = score + log_prior / jnp.sum(weights)
+    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+    best = jnp.argmax(score)
+    pick = jax.tree_util.tree_map(lambda leaf: leaf[best], runs)
+    return FitResult(
+        pick.params, pick.log_likelihood, pick.history, pick.num_iter, pick.converged,
+        runs.log_likelihood,
+    )
+
+
+_fit_jit = jax.jit(_fit, static_argnames=("model", "max_iter", "chunk_size"))
+
+
+def fit(
+    model: ExactModel,
+    params: PyTree,
+    x: PyTree,
+    weights: Float[Array, " n"] | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> FitResult:
+    """The one fit driver: ``prepare`` the data, run every restart as one vmapped program, keep
+    the best.
+
+    Each model's ``fit`` validates its inputs, draws ``params`` (a batch of initialisations
+    with a leading restart axis ``r``, from its ``init_params``) and calls this. The restarts
+    run to convergence on device (:func:`run_em`, a ``lax.while_loop``); the kept one has the
+    highest final log-likelihood, or, when the model has a ``log_prior``, the highest log
+    posterior (the objective MAP-EM climbs). Nothing here is validated: the model's ``fit``
+    does that.
+
+    Args:
+      model: the model's pure functions (static).
+      params: initial parameters with a leading restart axis (r >= 1).
+      x: data, a pytree with leading axis ``n`` (before ``prepare``).
+      weights: per-example weights (n,), ones if None.
+      max_iter: the most iterations per restart (static).
+      tol: stop a restart when its mean log-likelihood changes by less than this.
+      hyper: array-valued hyperparameters for ``m_step`` and ``log_prior``.
+      chunk_size: run the E-step over chunks of this many examples (static).
+
+    Returns:
+      A :class:`FitResult`.
+    """
+    return _fit_jit(
+        model, params, x, weights, tol, hyper, max_iter=max_iter, chunk_size=chunk_size
+    )
 
 
 class EMTrace(NamedTuple):

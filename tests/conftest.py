@@ -3,6 +3,9 @@
 * float64 is enabled, so oracles in float64 can be matched to 1e-8; code under test must
   follow the dtype of its input, and float32 tests pass float32 arrays explicitly.
 * Implicit rank promotion raises: broadcasting is written out.
+* Dtype promotion is strict: mixing float32 with float64 arrays, or ints with floats, raises
+  instead of silently widening (Python scalars stay weakly typed), so code under test keeps
+  the dtype it was given.
 * XLA's backend optimisation level is 0: the suite is dominated by compiling many small
   programs, each run a few times, so LLVM's optimisation passes cost more than they save
   (about 20% of the suite's time on 2 cores). It changes speed, not semantics (XLA:CPU
@@ -22,6 +25,7 @@ from hypothesis import settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile("emvi", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("emvi")
