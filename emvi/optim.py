@@ -33,6 +33,25 @@ from jaxtyping import Array, Float
 PyTree = Any
 
 
+def apply_update(
+    optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree
+) -> tuple[PyTree, PyTree]:
+    """One optax step: ``updates = optimizer.update(grads, ...)``, then ``params + updates``.
+
+    optax's bias corrections (Adam and friends) compute ``decay ** count`` with an int32
+    ``count``, which JAX's strict dtype promotion (the mode emvi's tests run in) rejects; the
+    update therefore runs under standard promotion. The setting acts at trace time only, so
+    it is free under ``jit``. Call this instead of ``optimizer.update`` everywhere.
+
+    Returns:
+      ``(new_params, new_opt_state)``.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+
 def run_steps(
     loss_fn: Callable[[PyTree, Array], Array],
     optimizer: optax.GradientTransformation,
@@ -59,8 +78,8 @@ def run_steps(
     def body(carry, step):
         p, s = carry
         loss, grads = jax.value_and_grad(loss_fn)(p, step)
-        updates, s = optimizer.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
+        p, s = apply_update(optimizer, grads, s, p)
+        return (p, s), loss
 
     steps = jnp.asarray(step0, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
     (params, opt_state), losses = lax.scan(body, (params, opt_state), steps)
