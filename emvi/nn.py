@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from emvi import elbo
+
 ACTIVATIONS = {
     "relu": nn.relu,
     "tanh": nn.tanh,
@@ -161,11 +163,13 @@ def gaussian_log_prob(
 ) -> Float[Array, "..."]:
     r"""Diagonal Gaussian log-density, summed over the last axis.
 
-    .. math:: \log N(x; \mu, \sigma^2) = \sum_j -\tfrac12 ((x_j - \mu_j)/\sigma_j)^2
-        - \log \sigma_j - \tfrac12 \log 2\pi.
+    .. math:: \log N(x; \mu, \sigma^2) = \log N\big((x - \mu)/\sigma; 0, I\big)
+        - \sum_j \log \sigma_j
+
+    (:func:`emvi.elbo.std_normal_log_prob` of the standardised residual, minus the
+    Jacobian).
     """
-    z = (x - mean) / scale
-    return jnp.sum(-0.5 * jnp.square(z) - jnp.log(scale) - 0.5 * math.log(2 * math.pi), axis=-1)
+    return elbo.std_normal_log_prob((x - mean) / scale) - jnp.sum(jnp.log(scale), axis=-1)
 
 
 class BernoulliDecoder(nn.Module):

@@ -216,16 +216,6 @@ def _decoder_log_prob(params: VAEParams, z: Array, x: Array, model: Model) -> Ar
     return model.decoder.apply(params.decoder, z, x[None], method="log_prob")
 
 
-def _std_normal_log_prob(z: Array) -> Array:
-    return jnp.sum(-0.5 * jnp.square(z) - 0.5 * math.log(2 * math.pi), axis=-1)
-
-
-def _sample_latents(key: Array, mean: Array, scale: Array, num_samples: int) -> Array:
-    """Reparameterised z = mean + scale * eps, shape (s, n, l)."""
-    eps = jax.random.normal(key, (num_samples, *mean.shape), mean.dtype)
-    return mean[None] + scale[None] * eps
-
-
 def gaussian_elbo_terms(
     params: VAEParams,
     key: Array,
@@ -243,17 +233,18 @@ def gaussian_elbo_terms(
 
     and :math:`\mathrm{kl}_i = \mathrm{KL}(q(z|x_i) \,\|\, N(0, I))` in closed form, or its
     one-sample-per-draw Monte Carlo estimate :math:`\frac1S\sum_s \log q(z_{is}) - \log
-    p(z_{is})` when ``analytic_kl`` is False. ELBO = recon - kl.
+    p(z_{is})` when ``analytic_kl`` is False. ELBO = recon - kl. This is
+    :func:`emvi.elbo.gaussian_elbo_terms` with the encoder's q and the decoder's likelihood.
     """
     mean, scale = _posterior_params(params, x, model)
-    z = _sample_latents(key, mean, scale, num_samples)
-    recon = jnp.mean(_decoder_log_prob(params, z, x, model), axis=0)
-    if analytic_kl:
-        kl = elbo.standard_normal_kl(mean, scale)
-    else:
-        log_q = enn.gaussian_log_prob(mean[None], scale[None], z)
-        kl = jnp.mean(log_q - _std_normal_log_prob(z), axis=0)
-    return recon, kl
+    return elbo.gaussian_elbo_terms(
+        key,
+        lambda z: _decoder_log_prob(params, z, x, model),
+        mean,
+        scale,
+        num_samples=num_samples,
+        analytic_kl=analytic_kl,
+    )
 
 
 def elbo_loss(
@@ -283,7 +274,7 @@ def elbo_loss(
 
 def _gaussian_log_joint_fn(params: VAEParams, model: GaussianVAE):
     def log_joint(x_batch, z):
-        return _decoder_log_prob(params, z, x_batch, model) + _std_normal_log_prob(z)
+        return _decoder_log_prob(params, z, x_batch, model) + elbo.std_normal_log_prob(z)
 
     return log_joint
 
@@ -421,6 +412,13 @@ def loss_fn(
 # Thin public wrappers: eager validation, then jitted work.
 
 
+def _params_dtype(params: VAEParams):
+    """The floating dtype of the parameters (float32 from ``init``; float64 if cast): data
+    and latents are cast to it, so strict dtype promotion never sees a mix."""
+    leaves = jax.tree.leaves(params)
+    return jnp.result_type(leaves[0]) if leaves else jnp.float32
+
+
 def check_data(x, *, model: Model, name: str = "x") -> np.ndarray:
     """Validates a data matrix for ``model`` and returns it as a NumPy array.
 
@@ -496,7 +494,7 @@ def fit_vae(
         loss,
         params,
         optimizer,
-        jnp.asarray(x, jnp.float32),
+        jnp.asarray(x, _params_dtype(params)),
         batch_size=batch_size,
         num_epochs=num_epochs,
         **fit_kwargs,
@@ -514,7 +512,7 @@ def encode(params: VAEParams, x, *, model: Model):
     """Encodes data: ``(mean, scale)`` of q(z|x) for a ``GaussianVAE``, q(k|x) (n, m) for a
     ``CategoricalVAE``."""
     arr = check_data(x, model=model)
-    return _encode_jit(params, jnp.asarray(arr, jnp.float32), model)
+    return _encode_jit(params, jnp.asarray(arr, _params_dtype(params)), model)
 
 
 def _decode(params, key, z, model, sample):
@@ -532,7 +530,7 @@ def _reconstruct_jit(key, params, x, model, sample):
         z = jax.nn.one_hot(k, model.num_classes, dtype=x.dtype)
     else:
         mean, scale = _posterior_params(params, x, model)
-        z = _sample_latents(k_z, mean, scale, 1)[0]
+        z = elbo.reparameterize(k_z, mean, scale, 1)[0][0]
     return _decode(params, k_x, z, model, sample)
 
 
@@ -544,17 +542,19 @@ def reconstruct(key: Array, params: VAEParams, x, *, model: Model, sample: bool 
       ``sample=True``, a draw x ~ p(x|z).
     """
     arr = check_data(x, model=model)
-    return _reconstruct_jit(key, params, jnp.asarray(arr, jnp.float32), model, bool(sample))
+    x = jnp.asarray(arr, _params_dtype(params))
+    return _reconstruct_jit(key, params, x, model, bool(sample))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "sample"))
 def _generate_jit(key, params, model, num, sample):
     k_z, k_x = jax.random.split(key)
+    dtype = _params_dtype(params)
     if isinstance(model, CategoricalVAE):
         k = jax.random.randint(k_z, (num,), 0, model.num_classes)
-        z = jax.nn.one_hot(k, model.num_classes, dtype=jnp.float32)
+        z = jax.nn.one_hot(k, model.num_classes, dtype=dtype)
     else:
-        z = jax.random.normal(k_z, (num, model.latent_dim), jnp.float32)
+        z = jax.random.normal(k_z, (num, model.latent_dim), dtype)
     return _decode(params, k_x, z, model, sample)
 
 
@@ -575,7 +575,7 @@ def _decode_mean_jit(params, z, model):
 
 def decode(params: VAEParams, z, *, model: Model):
     """Decoder mean E[x | z] for latents z (n, l) (one-hot codes for a categorical VAE)."""
-    z = jnp.asarray(z, jnp.float32)
+    z = jnp.asarray(z, _params_dtype(params))
     if z.ndim != 2 or z.shape[1] != model.latent_dim:
         raise ValueError(f"z must have shape (n, {model.latent_dim}); got {z.shape}.")
     if not bool(jnp.all(jnp.isfinite(z))):
@@ -589,7 +589,7 @@ def categorical_log_likelihood(params: VAEParams, x, *, model: CategoricalVAE):
         raise ValueError("categorical_log_likelihood needs a CategoricalVAE.")
     arr = check_data(x, model=model)
     return jax.jit(categorical_exact_log_likelihood, static_argnames=("model",))(
-        params, jnp.asarray(arr, jnp.float32), model=model
+        params, jnp.asarray(arr, _params_dtype(params)), model=model
     )
 
 
@@ -618,7 +618,7 @@ def log_likelihood(
     num_samples = _checks.check_positive_int(num_samples, name="num_samples")
     return elbo.estimate_log_likelihood(
         key,
-        jnp.asarray(arr, jnp.float32),
+        jnp.asarray(arr, _params_dtype(params)),
         _gaussian_posterior_fn(params, model),
         _gaussian_log_joint_fn(params, model),
         num_samples=num_samples,

@@ -6,6 +6,9 @@ z ~ N(0, I_l), x | z ~ N(W z + b, sigma^2 I_d), so log p(x) = log N(x | b, W W^T
 posterior N(mu_i, Sigma) has a diagonal Sigma and is a MultivariateNormalDiag.
 
 Monte Carlo checks use 5 * std / sqrt(m) tolerances with the sample std.
+
+The core maths runs both eagerly and under ``jax.jit`` (the ``transform`` fixture): the two
+must agree with the same oracle.
 """
 
 import functools
@@ -27,12 +30,16 @@ from emvi.elbo import (
     categorical_kl,
     discrete_elbo,
     estimate_log_likelihood,
+    gaussian_elbo_terms,
     gaussian_kl,
+    gaussian_mc_elbo,
     gibbs_log_partition,
     gibbs_objective,
     iwae_bound,
     mc_elbo,
+    reparameterize,
     standard_normal_kl,
+    std_normal_log_prob,
     tilted_distribution,
 )
 
@@ -131,9 +138,71 @@ def np_gaussian_kl(mq, sq, mp, sp):
     return 0.5 * np.sum(np.log(sp**2 / sq**2) + (sq**2 + (mq - mp) ** 2) / sp**2 - 1.0, axis=-1)
 
 
+@pytest.fixture(params=["eager", "jit"])
+def transform(request):
+    """Runs a function as written or under ``jax.jit`` (static keyword arguments bound first
+    with ``functools.partial``)."""
+    return (lambda f: f) if request.param == "eager" else jax.jit
+
+
 # --------------------------------------------------------------------------------------
-# Gaussian KLs
+# Finite latents, closed forms (eager and jitted against NumPy oracles)
 # --------------------------------------------------------------------------------------
+
+
+def test_finite_latent_closed_forms_match_numpy(rng, transform):
+    log_joint = rng.normal(size=(4, K_FINITE)) * 2
+    probs = rng.dirichlet(np.ones(K_FINITE), size=4)
+    probs[0, 1] = 0.0  # a class without mass, where the log-joint may be -inf
+    probs[0] /= probs[0].sum()
+    log_joint[0, 1] = -np.inf
+    log_p = np.log(rng.dirichlet(np.ones(K_FINITE), size=4))
+    got_elbo = transform(discrete_elbo)(jnp.asarray(log_joint), jnp.asarray(probs))
+    got_kl = transform(categorical_kl)(jnp.asarray(probs), jnp.asarray(log_p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want_elbo = np.sum(np.where(probs > 0, probs * (log_joint - np.log(probs)), 0.0), 1)
+        want_kl = np.sum(np.where(probs > 0, probs * (np.log(probs) - log_p), 0.0), 1)
+    # The same sums of a few float64 terms of size ~5: rounding ~1e-15.
+    np.testing.assert_allclose(got_elbo, want_elbo, rtol=1e-12)
+    np.testing.assert_allclose(got_kl, want_kl, rtol=1e-12)
+    # At the exact posterior the ELBO is log p(x) (rows 1..3; row 0's q is not it).
+    post = scipy.special.softmax(log_joint[1:], axis=1)
+    at_post = transform(discrete_elbo)(jnp.asarray(log_joint[1:]), jnp.asarray(post))
+    np.testing.assert_allclose(
+        at_post, scipy.special.logsumexp(log_joint[1:], axis=1), rtol=0, atol=1e-12
+    )
+
+
+K_FINITE = 6
+
+
+# --------------------------------------------------------------------------------------
+# Gaussian densities and KLs
+# --------------------------------------------------------------------------------------
+
+
+def test_std_normal_log_prob_matches_scipy(rng, transform):
+    z = rng.normal(size=(3, 4, L)) * 2
+    got = transform(std_normal_log_prob)(jnp.asarray(z))
+    assert got.shape == (3, 4)
+    np.testing.assert_allclose(got, scipy.stats.norm.logpdf(z).sum(-1), rtol=1e-14)
+    got32 = std_normal_log_prob(jnp.asarray(z, jnp.float32))
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(got32, scipy.stats.norm.logpdf(z).sum(-1), rtol=1e-6)
+
+
+def test_gaussian_kls_match_numpy_eager_and_jitted(rng, transform):
+    mq, mp = rng.normal(size=(2, 5, 3))
+    sq, sp = np.exp(rng.normal(size=(2, 5, 3)))
+    args = [jnp.asarray(a) for a in (mq, sq, mp, sp)]
+    np.testing.assert_allclose(
+        transform(gaussian_kl)(*args), np_gaussian_kl(mq, sq, mp, sp), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        transform(standard_normal_kl)(args[0], args[1]),
+        np_gaussian_kl(mq, sq, np.zeros_like(mq), np.ones_like(sq)),
+        rtol=1e-12,
+    )
 
 
 def test_gaussian_kl_matches_numpy_formula(rng):
@@ -327,6 +396,87 @@ def test_mc_elbo_gradients_match_closed_form_in_expectation():
         assert np.all(np.abs(mean - want) < Z_SIGMAS * se)
 
 
+# --------------------------------------------------------------------------------------
+# The reparameterised ELBO of a diagonal Gaussian q
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def gauss_elbo_reps(keys, means, scales, *, num_samples):
+    """gaussian_mc_elbo for each key: shape (len(keys), n)."""
+    log_scale = jnp.log(scales)
+    return jax.vmap(
+        lambda k: gaussian_mc_elbo(k, LOG_JOINT, means, log_scale, num_samples=num_samples)
+    )(keys)
+
+
+def test_reparameterize_follows_its_sampling_contract(transform):
+    key = jax.random.key(3)
+    means, scales = (jnp.asarray(a) for a in IMPERFECT)
+    z, eps = transform(functools.partial(reparameterize, num_samples=4))(key, means, scales)
+    want_eps = np.asarray(jax.random.normal(key, (4, N, L), jnp.float64))
+    np.testing.assert_array_equal(eps, want_eps)
+    np.testing.assert_allclose(z, IMPERFECT[0][None] + IMPERFECT[1][None] * want_eps, rtol=1e-15)
+
+
+def test_gaussian_mc_elbo_matches_scipy_on_its_draws(transform):
+    # Oracle: the draws of reparameterize's contract, log q and log p by SciPy.
+    key = jax.random.key(9)
+    means, scales = IMPERFECT
+    fn = functools.partial(gaussian_mc_elbo, num_samples=3)
+    got = transform(lambda k, m, s: fn(k, LOG_JOINT, m, s))(
+        key, jnp.asarray(means), jnp.log(jnp.asarray(scales))
+    )
+    eps = np.asarray(jax.random.normal(key, (3, N, L), jnp.float64))
+    z = means[None] + scales[None] * eps
+    log_q = scipy.stats.norm.logpdf(z, means[None], scales[None]).sum(-1)
+    want = np.mean(np.asarray(LOG_JOINT(jnp.asarray(z))) - log_q, axis=0)
+    # Two float64 evaluations of log-densities of size ~10: rounding ~1e-14.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_gaussian_mc_elbo_is_log_p_for_every_draw_at_the_posterior(transform):
+    # Zero variance at the exact posterior (as for the IWAE): every draw gives log p(x).
+    means, log_scale = jnp.asarray(EXACT[0]), jnp.log(jnp.asarray(EXACT[1]))
+    fn = functools.partial(gaussian_mc_elbo, num_samples=7)
+    got = transform(lambda k, m, s: fn(k, LOG_JOINT, m, s))(jax.random.key(2), means, log_scale)
+    np.testing.assert_allclose(got, LOG_P, rtol=0, atol=1e-10)
+
+
+def test_gaussian_mc_elbo_is_unbiased_and_equals_mc_elbo_in_expectation():
+    est = gauss_elbo_reps(_keys(REPS, 7), *IMPERFECT, num_samples=2)
+    mean, se = _mean_se(est)
+    assert np.all(se * np.sqrt(REPS) > 0.1)  # a real spread, so the check can fail
+    assert np.all(np.abs(mean - closed_form_elbo(MODEL, *IMPERFECT)) < Z_SIGMAS * se)
+
+
+@pytest.mark.parametrize("analytic_kl", [True, False])
+def test_gaussian_elbo_terms_are_the_elbo_split(analytic_kl, transform):
+    key = jax.random.key(5)
+    means, scales = (jnp.asarray(a) for a in IMPERFECT)
+    fn = functools.partial(gaussian_elbo_terms, num_samples=3, analytic_kl=analytic_kl)
+    recon, kl = transform(lambda k, m, s: fn(k, LOG_LIK, m, s))(key, means, scales)
+    z, _ = reparameterize(key, means, scales, 3)
+    np.testing.assert_allclose(recon, np.mean(np.asarray(LOG_LIK(z)), 0), rtol=1e-14)
+    if analytic_kl:
+        np.testing.assert_allclose(kl, standard_normal_kl(means, scales), rtol=1e-14)
+    else:
+        # The same draws: recon - kl is gaussian_mc_elbo with the standard-normal prior.
+        whole = gaussian_mc_elbo(key, LOG_JOINT, means, jnp.log(scales), num_samples=3)
+        np.testing.assert_allclose(recon - kl, whole, rtol=0, atol=1e-12)
+
+
+def test_gaussian_elbo_float32_in_float32_out():
+    f32 = jnp.float32
+    log_lik, log_joint, _ = model_fns(MODEL, f32)
+    means, scales = (jnp.asarray(a, f32) for a in IMPERFECT)
+    key = jax.random.key(0)
+    out = gaussian_mc_elbo(key, log_joint, means, jnp.log(scales), num_samples=2)
+    recon, kl = gaussian_elbo_terms(key, log_lik, means, scales, analytic_kl=False)
+    for a in (out, recon, kl, std_normal_log_prob(means)):
+        assert a.dtype == f32
+
+
 def _manual_iwae(key, means, scales, num_samples):
     """Oracle for iwae_bound's sampling contract: sample j uses split(key)[j]; SciPy maths."""
     q = distrax.MultivariateNormalDiag(jnp.asarray(means), jnp.asarray(scales))
@@ -369,12 +519,12 @@ def test_chunked_iwae_gradient_equals_unchunked():
 # --------------------------------------------------------------------------------------
 
 
-def _amortized(m: LinearGaussian, exact: bool):
-    """posterior_fn and log_joint_fn(x_b, z) for the linear-Gaussian model."""
+def _amortized(m: LinearGaussian, exact: bool, dtype=jnp.float64):
+    """posterior_fn and log_joint_fn(x_b, z) for the linear-Gaussian model, in ``dtype``."""
     cov = np.linalg.inv(np.eye(L) + m.w.T @ m.w / m.sigma**2)
-    gain = jnp.asarray(m.w @ cov / m.sigma**2)  # (d, l): mean = (x - b) @ gain
-    post_scale = jnp.asarray(np.sqrt(np.diag(cov)))
-    w, b = jnp.asarray(m.w), jnp.asarray(m.b)
+    gain = jnp.asarray(m.w @ cov / m.sigma**2, dtype)  # (d, l): mean = (x - b) @ gain
+    post_scale = jnp.asarray(np.sqrt(np.diag(cov)), dtype)
+    w, b = jnp.asarray(m.w, dtype), jnp.asarray(m.b, dtype)
     shift, shrink = (0.0, 1.0) if exact else (0.5, 0.6)
 
     def posterior_fn(xb):
@@ -385,8 +535,8 @@ def _amortized(m: LinearGaussian, exact: bool):
     def log_joint_fn(xb, z):
         resid = xb[None, :, :] - jnp.einsum("dl,sbl->sbd", w, z) - b[None, None, :]
         log_lik = -0.5 * jnp.sum(jnp.square(resid), axis=-1) / m.sigma**2
-        log_lik = log_lik - 0.5 * D * np.log(2 * np.pi * m.sigma**2)
-        return log_lik - 0.5 * jnp.sum(jnp.square(z), axis=-1) - 0.5 * L * np.log(2 * np.pi)
+        log_lik = log_lik - float(0.5 * D * np.log(2 * np.pi * m.sigma**2))  # weakly typed
+        return log_lik - 0.5 * jnp.sum(jnp.square(z), axis=-1) - float(L * np.log(2 * np.pi) / 2)
 
     return posterior_fn, log_joint_fn
 
@@ -570,17 +720,12 @@ def test_float32_in_float32_out():
         }
 
     outs = everything(jax.random.key(0))
-    posterior_fn, log_joint_fn = _amortized(MODEL, exact=False)
-
-    def posterior_fn32(xb):
-        q64 = posterior_fn(xb)
-        return distrax.MultivariateNormalDiag(q64.loc.astype(f32), q64.scale_diag.astype(f32))
-
+    posterior_fn32, log_joint_fn32 = _amortized(MODEL, exact=False, dtype=f32)
     outs["estimate"] = estimate_log_likelihood(
         jax.random.key(0),
         jnp.asarray(MODEL.x, f32),
         posterior_fn32,
-        lambda xb, z: log_joint_fn(xb, z).astype(f32),
+        log_joint_fn32,
         num_samples=4,
         sample_chunk=3,
         data_chunk=2,

@@ -13,6 +13,12 @@ def _scaled(params, factor):
     return jax.tree.map(lambda p: p * factor, params)
 
 
+def _float64(params):
+    """Flax initialises float32 parameters; the tight SciPy comparisons run in float64
+    (strict dtype promotion refuses float64 data against float32 weights)."""
+    return jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+
 def test_gaussian_encoder_shapes_and_positive_scale(rng):
     enc = enn.GaussianEncoder(hidden=(8, 8), latent_dim=3, min_scale=1e-3)
     x = jnp.asarray(rng.random((5, 6)), jnp.float32)
@@ -46,33 +52,35 @@ def test_categorical_encoder_logits_shape(rng):
 
 def test_mlp_depth_and_activation_name():
     mlp = enn.MLP((5, 4, 3), activation="tanh")
-    params = mlp.init(jax.random.key(0), jnp.zeros((1, 2)))
+    params = mlp.init(jax.random.key(0), jnp.zeros((1, 2), jnp.float32))
     assert sorted(params["params"]) == ["dense_0", "dense_1", "dense_2"]
     with pytest.raises(ValueError, match="activation must be one of"):
-        enn.MLP((3,), activation="sigmoidish").init(jax.random.key(0), jnp.zeros((1, 2)))
+        enn.MLP((3,), activation="sigmoidish").init(
+            jax.random.key(0), jnp.zeros((1, 2), jnp.float32)
+        )
 
 
 def test_bernoulli_decoder_log_prob_matches_scipy(rng):
     dec = enn.BernoulliDecoder(hidden=(8,), data_dim=6)
     z = jnp.asarray(rng.standard_normal((4, 2)))  # float64: the oracle comparison is tight
-    params = dec.init(jax.random.key(0), z)
+    params = _float64(dec.init(jax.random.key(0), z.astype(jnp.float32)))
     params = _scaled(params, 3.0)  # logits of several units, not just near zero
     logits = np.asarray(dec.apply(params, z), np.float64)
     x = (rng.random((4, 6)) < 0.5).astype(np.float64)
     got = np.asarray(dec.apply(params, z, jnp.asarray(x), method="log_prob"))
     want = stats.bernoulli.logpmf(x, special.expit(logits)).sum(axis=1)
     assert np.abs(logits).max() > 1.0
-    # float32 params, float64 arithmetic: only rounding of the logits' last bits differs.
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # float64 throughout: the same formula in another arrangement, rounding ~1e-15.
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     mean = np.asarray(dec.apply(params, z, method="mean"))
-    np.testing.assert_allclose(mean, special.expit(logits), rtol=1e-6)
+    np.testing.assert_allclose(mean, special.expit(logits), rtol=1e-12)
 
 
 @pytest.mark.parametrize("variance", ["per_dim", "per_output"])
 def test_gaussian_decoder_log_prob_matches_scipy(rng, variance):
     dec = enn.GaussianDecoder(hidden=(8,), data_dim=5, variance=variance, min_scale=1e-2)
     z = jnp.asarray(rng.standard_normal((4, 3)))
-    params = dec.init(jax.random.key(2), z)
+    params = _float64(dec.init(jax.random.key(2), z.astype(jnp.float32)))
     # Move the scale parameters away from their zero initialisation.
     params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.standard_normal(p.shape)), params)
     mean, scale = (np.asarray(a) for a in dec.apply(params, z))
@@ -94,9 +102,11 @@ def test_gaussian_decoder_log_prob_matches_scipy(rng, variance):
 def test_gaussian_decoder_rejects_unknown_variance():
     dec = enn.GaussianDecoder(hidden=(4,), data_dim=3, variance="per_pixel")
     with pytest.raises(ValueError, match="variance must be 'per_dim' or 'per_output'"):
-        dec.init(jax.random.key(0), jnp.zeros((1, 2)))
+        dec.init(jax.random.key(0), jnp.zeros((1, 2), jnp.float32))
 
 
 def test_latent_size_below_one_is_rejected():
     with pytest.raises(ValueError, match="latent_dim must be >= 1"):
-        enn.GaussianEncoder(hidden=(4,), latent_dim=0).init(jax.random.key(0), jnp.zeros((1, 3)))
+        enn.GaussianEncoder(hidden=(4,), latent_dim=0).init(
+            jax.random.key(0), jnp.zeros((1, 3), jnp.float32)
+        )
