@@ -110,10 +110,10 @@ def require(model: ExactModel, *fields: str, purpose: str) -> None:
 
     Example:
       >>> m = ExactModel(*(lambda *a: None for _ in range(5)))
-      >>> require(m, "expected_stats", purpose="the closed-form M-step from an arbitrary q")
+      >>> require(m, "expected_stats", purpose="amortized EM")
       Traceback (most recent call last):
         ...
-      ValueError: the closed-form M-step from an arbitrary q needs the model's expected_stats, which this model lacks.
+      ValueError: amortized EM needs the model's expected_stats, which this model lacks.
     """
     missing = [f for f in fields if getattr(model, f) is None]
     if missing:
@@ -377,7 +377,11 @@ def _fit(model, params, x, weights, tol, hyper, *, max_iter, chunk_size):
     best = jnp.argmax(score)
     pick = jax.tree_util.tree_map(lambda leaf: leaf[best], runs)
     return FitResult(
-        pick.params, pick.log_likelihood, pick.history, pick.num_iter, pick.converged,
+        pick.params,
+        pick.log_likelihood,
+        pick.history,
+        pick.num_iter,
+        pick.converged,
         runs.log_likelihood,
     )
 
@@ -419,8 +423,42 @@ def fit(
     Returns:
       A :class:`FitResult`.
     """
-    return _fit_jit(
-        model, params, x, weights, tol, hyper, max_iter=max_iter, chunk_size=chunk_size
+    return _fit_jit(model, params, x, weights, tol, hyper, max_iter=max_iter, chunk_size=chunk_size)
+
+
+def _fit_many(model, params, xs, weights, tol, hyper, *, max_iter, chunk_size):
+    return jax.vmap(
+        lambda p, x, w: _fit(model, p, x, w, tol, hyper, max_iter=max_iter, chunk_size=chunk_size)
+    )(params, xs, weights)
+
+
+_fit_many_jit = jax.jit(_fit_many, static_argnames=("model", "max_iter", "chunk_size"))
+
+
+def fit_many(
+    model: ExactModel,
+    params: PyTree,
+    xs: PyTree,
+    weights: Float[Array, "b n"] | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+    hyper: PyTree = None,
+    chunk_size: int | None = None,
+) -> FitResult:
+    """Many independent data sets (leading axis ``b``) fitted in one vmapped program.
+
+    ``params`` has leading axes ``(b, r)`` (data set, restart) and ``xs`` leading axes
+    ``(b, n)``; every data set has the same ``n`` (give padding rows weight 0). The result
+    is a :class:`FitResult` whose leaves have a leading axis ``b``, each entry what
+    :func:`fit` returns for that data set.
+    """
+    if weights is None:
+        lead = jax.tree_util.tree_leaves(xs)[0]
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        weights = jnp.ones(lead.shape[:2], dtype)
+    return _fit_many_jit(
+        model, params, xs, weights, tol, hyper, max_iter=max_iter, chunk_size=chunk_size
     )
 
 

@@ -224,3 +224,16 @@ def test_bad_sources_and_settings_raise_clear_errors(rng, tmp_path):
         stream.from_array(bad, chunk_size=10)
     with pytest.raises(ValueError, match="float32"):
         stream.fit_source(model, p0, stream.from_array(x.astype(np.float32), chunk_size=10))
+
+
+def test_many_data_sets_in_one_call_equal_one_fit_each(rng):
+    xs = np.stack([_gmm_data(np.random.default_rng(s), 300) for s in range(3)])
+    model = gmm.model("diag")
+    hyper = gmm.GMMHyper(jnp.asarray(1e-6), None)
+    p0 = [_gmm_start(x) for x in xs]
+    batch = jax.tree_util.tree_map(lambda *a: jnp.stack([jnp.stack([b, b]) for b in a]), *p0)
+    many = em.fit_many(model, batch, jnp.asarray(xs), max_iter=6, tol=0.0, hyper=hyper)
+    for i in range(3):
+        one = em.fit(model, _batch(p0[i]), jnp.asarray(xs[i]), max_iter=6, tol=0.0, hyper=hyper)
+        np.testing.assert_allclose(many.log_likelihood[i], one.log_likelihood, rtol=1e-12)
+        np.testing.assert_allclose(many.params.means[i], one.params.means, rtol=1e-12, atol=1e-12)
