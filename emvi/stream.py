@@ -656,10 +656,70 @@ def incremental_em(
     return params, IncrementalState(params, chunk_stats, total)
 
 
+# ---------------------------------------------------------------------------------------
+# Gradient training (a VAE, say) from the same sources
+# ---------------------------------------------------------------------------------------
+
+
+class SourceTrainInfo(NamedTuple):
+    """Mean loss of every epoch and the number of steps taken."""
+
+    epoch_loss: list[float]
+    num_steps: int
+
+
+def train_on_source(
+    key,
+    loss_fn: Callable[[PyTree, Array, Array, Array], Array],
+    optimizer,
+    params: PyTree,
+    source: Source,
+    *,
+    num_epochs: int,
+    opt_state: PyTree = None,
+) -> tuple[PyTree, PyTree, SourceTrainInfo]:
+    """Minibatch training with every minibatch read from a :class:`Source` (one chunk each).
+
+    Each chunk is one optax step on ``loss_fn(params, key_t, x_chunk, w_chunk)`` (a scalar
+    to minimise; ``w_chunk`` is 0 on padding rows, so weight the per-example losses with it),
+    with ``key_t = fold_in(key, t)`` for global step t: a rerun draws the same numbers. Only
+    one chunk is in memory at a time, so a VAE trains on a memory-mapped file larger than
+    memory exactly as on an array (:func:`from_array` with the same chunks gives the same
+    steps bit for bit).
+
+    Returns:
+      ``(params, opt_state, info)``.
+    """
+    from emvi import optim
+
+    num_epochs = _checks.check_positive_int(num_epochs, name="num_epochs")
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, t, x, w):
+        loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(key, t), x, w)
+        params, opt_state = optim.apply_update(optimizer, grads, opt_state, params)
+        return params, opt_state, loss
+
+    t = 0
+    epoch_loss = []
+    for epoch in range(num_epochs):
+        total, count = 0.0, 0
+        for x, w in source.chunks(epoch):
+            params, opt_state, loss = step(params, opt_state, t, jnp.asarray(x), jnp.asarray(w))
+            total += float(loss)
+            count += 1
+            t += 1
+        epoch_loss.append(total / count)
+    return params, opt_state, SourceTrainInfo(epoch_loss, t)
+
+
 __all__ = [
     "IncrementalState",
     "OnlineInfo",
     "Source",
+    "SourceTrainInfo",
     "StreamState",
     "as_source",
     "check_step_exponent",
@@ -671,4 +731,5 @@ __all__ = [
     "incremental_em",
     "online_em",
     "step_size",
+    "train_on_source",
 ]

@@ -237,3 +237,31 @@ def test_many_data_sets_in_one_call_equal_one_fit_each(rng):
         one = em.fit(model, _batch(p0[i]), jnp.asarray(xs[i]), max_iter=6, tol=0.0, hyper=hyper)
         np.testing.assert_allclose(many.log_likelihood[i], one.log_likelihood, rtol=1e-12)
         np.testing.assert_allclose(many.params.means[i], one.params.means, rtol=1e-12, atol=1e-12)
+
+
+def test_a_vae_trains_from_a_memory_mapped_file_as_from_the_array(rng, tmp_path):
+    import optax
+
+    from emvi import vae
+
+    x = (rng.random((130, 12)) < 0.3).astype(np.float32)
+    path = tmp_path / "bin.npy"
+    np.save(path, x)
+    model = vae.gaussian_vae(12, 2, (8,))
+    params = model.init(jax.random.key(0))
+
+    def loss_fn(p, key, xb, wb):
+        recon, kl = vae.gaussian_elbo_terms(p, key, xb, model=model)
+        return -jnp.sum(wb * (recon - kl)) / jnp.sum(wb)
+
+    opt = optax.adam(1e-2)
+    runs = [
+        stream.train_on_source(jax.random.key(1), loss_fn, opt, params, src, num_epochs=4)
+        for src in (stream.from_npy(path, chunk_size=32), stream.from_array(x, chunk_size=32))
+    ]
+    (pa, _, ia), (pb, _, ib) = runs
+    assert ia.num_steps == 4 * 5
+    assert ia.epoch_loss == ib.epoch_loss
+    assert ia.epoch_loss[-1] < ia.epoch_loss[0]
+    for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
+        np.testing.assert_array_equal(a, b)
