@@ -13,7 +13,7 @@ coordinate ascent on the ELBO: the E-step returns responsibilities
 .. math::
     N_k = \sum_i w_i r_{ik}, \qquad S_{kj} = \sum_i w_i r_{ik} x_{ij},
 
-and the M-step is closed form. With the optional conjugate priors
+and the M-step is closed form. With the conjugate priors
 :math:`\pi \sim \mathrm{Dir}(\alpha, \dots, \alpha)` and
 :math:`\mu_{kj} \sim \mathrm{Beta}(a, b)` it returns the MAP estimate
 
@@ -21,16 +21,33 @@ and the M-step is closed form. With the optional conjugate priors
     \pi_k = \frac{N_k + \alpha - 1}{N + k(\alpha - 1)}, \qquad
     \mu_{kj} = \frac{S_{kj} + a - 1}{N_k + a + b - 2},
 
-with :math:`N = \sum_k N_k`. :math:`\alpha = a = b = 1` (flat priors) is maximum
+with :math:`N = \sum_k N_k`: the maximiser of :math:`\sum_i w_i \mathrm{ELBO}_i +`
+:func:`log_prior`. :math:`\alpha = a = b = 1` (flat priors, ``prior=None``) is maximum
 likelihood. With :math:`a, b > 1` every :math:`\mu_{kj}` lies strictly inside (0, 1), so
 every binary vector has positive probability; under maximum likelihood a pixel that is
 never on in a component gets :math:`\mu_{kj} = 0` and an unseen image that has it on gets
 log-probability :math:`-\infty` (never NaN: see :func:`log_joint`). MAP-EM never lowers
-the log-posterior :func:`log_prior` + :math:`\sum_i w_i \log p(x_i)`; with flat priors that
-is the log-likelihood.
+the log-posterior :func:`log_prior` + :math:`\sum_i w_i \log p(x_i)`.
 
-Data need not be binary: any :math:`x_{ij} \in [0, 1]` is accepted and enters the same
-formulas (the Bernoulli log-likelihood is then a cross-entropy, not a normalised density).
+**Non-binary data.** Any :math:`x_{ij} \in [0, 1]` (grey levels, probabilities) enters the
+same formulas: :math:`\log p(x \mid z = k)` becomes the negative cross-entropy
+:math:`\sum_j x_j \log \mu_{kj} + (1 - x_j) \log(1 - \mu_{kj})`, which is not the log of a
+normalised density over [0, 1]^d (it is over {0, 1}^d), and EM still ascends it: the
+statistics and M-step are unchanged. :func:`fit` rejects values outside [0, 1]; the
+scoring functions apply the formula to whatever they are given.
+
+**The model protocol.** :func:`model` returns the :class:`emvi.em.ExactModel` with every
+field: the exact face (:func:`e_step`, :func:`m_step`, :func:`log_prob`, :func:`posterior`,
+:func:`elbo`, :func:`expected_stats`, :func:`prepare`) and the gradient face
+(:func:`to_unconstrained` / :func:`from_unconstrained`: centred weight logits and pixel
+logits; :func:`log_prior`; :func:`q_to_unconstrained` / :func:`q_from_unconstrained`: log
+responsibilities and a softmax over k). :func:`init_params`, :func:`sample` and :func:`fit`
+(a thin call of the one driver :func:`emvi.em.fit`) complete the face.
+
+**Checks.** The scoring functions (:func:`log_joint`, :func:`log_prob`, :func:`posterior`,
+:func:`elbo`, :func:`e_step`) raise ``ValueError`` when ``x`` does not have the params'
+number of pixels (a shape check, free under ``jit``) and, when called eagerly on concrete
+arrays, when ``x`` holds NaN or infinite values (inside ``jit`` values are not inspected).
 
 Shape letters: ``n`` data points, ``d`` pixels, ``k`` components, ``r`` restarts.
 
@@ -89,8 +106,10 @@ class BernoulliMixturePrior(NamedTuple):
       a: Beta prior pseudo-count for :math:`x_j = 1`, >= 1.
       b: Beta prior pseudo-count for :math:`x_j = 0`, >= 1.
 
-    ``alpha = a = b = 1`` is maximum likelihood; ``a = b = 2`` is Laplace (add-one)
-    smoothing of the pixel probabilities.
+    ``alpha = a = b = 1`` is maximum likelihood (as is ``prior=None`` everywhere);
+    ``a = b = 2`` is Laplace (add-one) smoothing of the pixel probabilities. A Beta(a, b)
+    prior acts like ``a + b - 2`` extra images per component, so a strong one flattens
+    small components until they lose all their data (see :data:`DEFAULT_PRIOR`).
     """
 
     alpha: Float[Array, ""] | float = 1.0
@@ -98,27 +117,50 @@ class BernoulliMixturePrior(NamedTuple):
     b: Float[Array, ""] | float = 1.0
 
 
-class BernoulliMixtureFit(NamedTuple):
-    """What :func:`fit` returns (the best restart).
+DEFAULT_PRIOR = BernoulliMixturePrior(alpha=1.0, a=1.2, b=1.2)
+"""The prior :func:`fit` uses unless told otherwise: flat on the weights and Beta(1.2, 1.2)
+on every pixel probability. It keeps every probability inside (0, 1), so held-out images
+never get :math:`-\\infty`, while adding only 0.4 pseudo-images per component. On
+digits-bin (validation log-likelihood of the last 300 training images, mixtures fitted to
+the other 1,200 with the headline's settings, k = 10, 25, 50, 100) a = 1.2 was the best or
+within 0.015 nats of the best of a in {1.01, 1.03, 1.1, 1.2, 1.5, 2} at every k, while
+Laplace smoothing, Beta(2, 2) (the default before), was the worst or next to worst at every
+k and emptied components once k was large (k = 100 kept 39 of 100): a strong prior flattens
+a small component towards 1/2 until it loses all its data. For a given data set choose a
+on a validation split, as the headline experiment ``experiments/em_vs_vi.py`` does."""
 
-    Attributes:
-      params: fitted parameters.
-      log_likelihood: mean :math:`\\log p(x_i)` over the training data at ``params``.
-      log_posterior: ``log_likelihood + log_prior(params, prior) / n``, the objective
-        MAP-EM ascends (equal to ``log_likelihood`` under flat priors); restarts are ranked
-        by it.
-      history: (max_iter,) mean log-likelihood at the start of each iteration, NaN after
-        ``num_iter``.
-      num_iter: iterations run.
-      converged: whether the stopping rule fired before ``max_iter``.
+
+BernoulliMixtureFit = em.FitResult
+"""What :func:`fit` returns: the one result type, :class:`emvi.em.FitResult`."""
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks for the scoring functions
+# ---------------------------------------------------------------------------------------
+
+
+def _check_data(params: BernoulliMixtureParams, x: Array, *, name: str = "x") -> None:
+    """Raises ``ValueError`` if ``x`` does not match ``params`` or (eagerly) holds NaN/inf.
+
+    The shape check reads static shapes only, so it costs nothing under ``jit``; the value
+    check runs only on concrete arrays (an eager call), never on tracers.
     """
-
-    params: BernoulliMixtureParams
-    log_likelihood: Float[Array, ""]
-    log_posterior: Float[Array, ""]
-    history: Float[Array, " t"]
-    num_iter: Int[Array, ""]
-    converged: Array
+    d = params.probs.shape[-1]
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"{name} must be 2-D with shape (n, {d}); got shape {jnp.shape(x)}.")
+    if x.shape[1] != d:
+        raise ValueError(
+            f"{name} has {x.shape[1]} columns but the params have {d} pixels per component."
+        )
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        shown = ", ".join(str(r) for r in rows[:5]) + (" ..." if rows.size > 5 else "")
+        raise ValueError(
+            f"{name} contains NaN or infinite values in row(s) {shown}; remove or impute them."
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +172,8 @@ def _log_bernoulli(x: Array, probs: Array) -> Array:
     """:math:`\\sum_j x_j \\log \\mu_{kj} + (1 - x_j) \\log(1 - \\mu_{kj})` as an (n, k) matmul.
 
     ``0 * log 0`` is taken as 0, and a pixel that is (partly) on where :math:`\\mu = 0` (or
-    off where :math:`\\mu = 1`) makes the entry exactly ``-inf``; no NaN either way.
+    off where :math:`\\mu = 1`) makes the entry exactly ``-inf``; no NaN either way, in the
+    value or in its gradient.
     """
     zero, one = probs <= 0, probs >= 1
     log_p = jnp.log(jnp.where(zero, 1.0, probs))
@@ -138,6 +181,11 @@ def _log_bernoulli(x: Array, probs: Array) -> Array:
     finite = x @ log_p.T + (1.0 - x) @ log_1mp.T
     impossible = x @ zero.astype(x.dtype).T + (1.0 - x) @ one.astype(x.dtype).T
     return jnp.where(impossible > 0, -jnp.inf, finite)
+
+
+def _log_joint(params: BernoulliMixtureParams, x: Array) -> Array:
+    """:func:`log_joint` without the input checks."""
+    return _log_bernoulli(x, params.probs) + jnp.log(params.weights)[None, :]
 
 
 def log_joint(params: BernoulliMixtureParams, x: Float[Array, "n d"]) -> Float[Array, "n k"]:
@@ -149,17 +197,21 @@ def log_joint(params: BernoulliMixtureParams, x: Float[Array, "n d"]) -> Float[A
 
     computed as two (n, d) x (d, k) products. Probabilities of exactly 0 or 1 are allowed
     (maximum likelihood produces them): :math:`0 \log 0 = 0`, and an impossible
-    (image, component) pair gets ``-inf`` rather than NaN.
+    (image, component) pair gets ``-inf`` rather than NaN. For :math:`x_{ij} \in [0, 1]`
+    that is not binary the bracket is a negative cross-entropy (see the module docstring).
 
     Args:
       params: mixture parameters (weights (k,), probs (k, d)).
-      x: data in [0, 1], shape (n, d).
+      x: data, shape (n, d), binary or in [0, 1].
 
     Returns:
       Shape (n, k).
+
+    Raises:
+      ValueError: if ``x`` does not have d columns, or (eager calls) holds NaN or inf.
     """
-    log_w = jnp.log(params.weights)
-    return _log_bernoulli(x, params.probs) + log_w[None, :]
+    _check_data(params, x)
+    return _log_joint(params, x)
 
 
 def log_prob(params: BernoulliMixtureParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
@@ -171,8 +223,12 @@ def log_prob(params: BernoulliMixtureParams, x: Float[Array, "n d"]) -> Float[Ar
 
     Returns:
       Shape (n,); ``-inf`` for an image that every component rules out.
+
+    Raises:
+      ValueError: as :func:`log_joint`.
     """
-    return jax.nn.logsumexp(log_joint(params, x), axis=1)
+    _check_data(params, x)
+    return jax.nn.logsumexp(_log_joint(params, x), axis=1)
 
 
 def _safe_softmax(lj: Array) -> Array:
@@ -193,8 +249,12 @@ def posterior(params: BernoulliMixtureParams, x: Float[Array, "n d"]) -> Float[A
 
     Returns:
       Shape (n, k).
+
+    Raises:
+      ValueError: as :func:`log_joint`.
     """
-    return _safe_softmax(log_joint(params, x))
+    _check_data(params, x)
+    return _safe_softmax(_log_joint(params, x))
 
 
 def elbo(
@@ -203,7 +263,10 @@ def elbo(
     r"""Per-example ELBO :math:`\sum_k q_{ik} (\log p(x_i, k) - \log q_{ik})`.
 
     Equals :func:`log_prob` when ``q`` is :func:`posterior` and is below it otherwise, by
-    :math:`\mathrm{KL}(q_i \,\|\, p(z \mid x_i))`.
+    :math:`\mathrm{KL}(q_i \,\|\, p(z \mid x_i))`. Differentiable in ``q`` (where
+    :math:`q_{ik} > 0`: :math:`\partial / \partial q_{ik} = \log p(x_i, k) - \log q_{ik} - 1`)
+    and in ``params`` (where the probabilities lie inside (0, 1)), so the gradient M-step
+    and the local variational E-step climb it.
 
     Args:
       params: mixture parameters.
@@ -212,8 +275,12 @@ def elbo(
 
     Returns:
       Shape (n,).
+
+    Raises:
+      ValueError: as :func:`log_joint`.
     """
-    return discrete_elbo(log_joint(params, x), q)
+    _check_data(params, x)
+    return discrete_elbo(_log_joint(params, x), q)
 
 
 def log_prior(
@@ -225,8 +292,10 @@ def log_prior(
         \log p(\pi, \mu) = (\alpha - 1)\sum_k \log \pi_k + \sum_{k,j} \big[(a - 1)\log\mu_{kj}
             + (b - 1) \log(1 - \mu_{kj})\big] + \text{const}.
 
-    MAP-EM never decreases ``log_prior(params) + sum_i w_i log p(x_i)``. Terms with a zero
-    coefficient vanish even where the parameter is 0 or 1.
+    This is the term :func:`m_step` adds: its output maximises
+    :math:`\sum_i w_i \mathrm{ELBO}_i(q_i, \theta) + \log p(\theta)` for the ``q`` whose
+    statistics it is given. MAP-EM never decreases ``log_prior(params) + sum_i w_i log
+    p(x_i)``. Terms with a zero coefficient vanish even where the parameter is 0 or 1.
 
     Args:
       params: mixture parameters.
@@ -247,6 +316,84 @@ def log_prior(
 
 
 # ---------------------------------------------------------------------------------------
+# The gradient face: bijections to unconstrained space
+# ---------------------------------------------------------------------------------------
+
+
+def _clipped_log(v: Array) -> Array:
+    """:math:`\\log \\max(v, \\text{tiny})`: finite, and with a finite gradient, at v = 0."""
+    return jnp.log(jnp.maximum(v, jnp.finfo(v.dtype).tiny))
+
+
+def to_unconstrained(params: BernoulliMixtureParams) -> BernoulliMixtureParams:
+    r"""Parameters as unconstrained logits (a ``BernoulliMixtureParams`` of real arrays).
+
+    .. math::
+        u_{\pi} = \log \pi - \overline{\log \pi}, \qquad
+        u_{\mu} = \log \mu - \log(1 - \mu),
+
+    the centred weight logits (they sum to zero, which removes the softmax's shift
+    redundancy) and the pixel logits. A weight or probability of exactly 0 or 1 (which
+    maximum likelihood produces) is clipped at the smallest normal number before the log,
+    so every entry is finite: ``log(tiny)`` is about -708 in float64 and -87 in float32, and
+    :func:`from_unconstrained` maps it back to within ``tiny`` of 0 or 1.
+
+    Args:
+      params: mixture parameters.
+
+    Returns:
+      ``BernoulliMixtureParams(weights=u_pi (k,), probs=u_mu (k, d))``.
+    """
+    log_w = _clipped_log(params.weights)
+    probs = params.probs
+    return BernoulliMixtureParams(
+        weights=log_w - jnp.mean(log_w),
+        probs=_clipped_log(probs) - _clipped_log(1.0 - probs),
+    )
+
+
+def from_unconstrained(u: BernoulliMixtureParams) -> BernoulliMixtureParams:
+    r"""The inverse of :func:`to_unconstrained`: :math:`\pi = \mathrm{softmax}(u_\pi)`,
+    :math:`\mu = \sigma(u_\mu)`; every real ``u`` gives valid parameters.
+
+    Args:
+      u: unconstrained logits (weights (k,), probs (k, d)).
+
+    Returns:
+      Mixture parameters.
+    """
+    return BernoulliMixtureParams(weights=jax.nn.softmax(u.weights), probs=jax.nn.sigmoid(u.probs))
+
+
+def q_to_unconstrained(q: Float[Array, "n k"]) -> Float[Array, "n k"]:
+    r"""Responsibilities as unconstrained vectors: :math:`\log q_{ik}`, clipped below at
+    ``log(tiny)`` so that a zero responsibility gives a finite value.
+
+    :func:`q_from_unconstrained` (a softmax over k) inverts it up to that clipping (any
+    shift of a row is allowed, so no centring is needed).
+
+    Args:
+      q: a distribution over components for each example, shape (n, k).
+
+    Returns:
+      Shape (n, k).
+    """
+    return _clipped_log(q)
+
+
+def q_from_unconstrained(u: Float[Array, "n k"]) -> Float[Array, "n k"]:
+    r""":math:`q_{ik} = \mathrm{softmax}_k(u_i)`, the inverse of :func:`q_to_unconstrained`.
+
+    Args:
+      u: unconstrained per-example vectors (an encoder's logits), shape (n, k).
+
+    Returns:
+      Rows on the simplex, shape (n, k).
+    """
+    return jax.nn.softmax(u, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
 # EM pieces
 # ---------------------------------------------------------------------------------------
 
@@ -259,8 +406,8 @@ def expected_stats(
     .. math::
         N_k = \sum_i w_i q_{ik}, \qquad S_{kj} = \sum_i w_i q_{ik} x_{ij}.
 
-    ``m_step(expected_stats(q, x, w), prior)`` maximises the ELBO of ``q`` over the
-    parameters, for example with ``q`` from an amortized encoder.
+    ``m_step(expected_stats(q, x, w), prior)`` maximises the ELBO of ``q`` (plus the log
+    prior) over the parameters, for example with ``q`` from an amortized encoder.
 
     Args:
       q: a distribution over components for each example, shape (n, k).
@@ -292,8 +439,12 @@ def e_step(
 
     Returns:
       ``(stats, log_lik_sum)``.
+
+    Raises:
+      ValueError: as :func:`log_joint`.
     """
-    lj = log_joint(params, x)
+    _check_data(params, x)
+    lj = _log_joint(params, x)
     ll = jax.nn.logsumexp(lj, axis=1)
     return expected_stats(_safe_softmax(lj), x, weights), jnp.sum(weights * ll)
 
@@ -308,12 +459,13 @@ def m_step(
         \mu_{kj} = \frac{S_{kj} + a - 1}{N_k + a + b - 2}.
 
     This maximises :math:`\sum_k N_k \log \pi_k + \sum_{kj} [S_{kj} \log \mu_{kj}
-    + (N_k - S_{kj}) \log(1 - \mu_{kj})] + \log p(\pi, \mu)`. Under maximum likelihood a
-    component with :math:`N_k = 0` has no data to estimate :math:`\mu_k` from; it then
-    gets the pooled frequencies :math:`\sum_k S_{kj} / N` (and weight 0) instead of 0/0.
+    + (N_k - S_{kj}) \log(1 - \mu_{kj})] +` :func:`log_prior`, the ELBO's parameter-dependent
+    part plus the log prior. Under maximum likelihood a component with :math:`N_k = 0` has
+    no data to estimate :math:`\mu_k` from; it then gets the pooled frequencies
+    :math:`\sum_k S_{kj} / N` (and weight 0) instead of 0/0.
 
     Args:
-      stats: summed statistics from :func:`e_step`.
+      stats: summed statistics from :func:`e_step` or :func:`expected_stats`.
       prior: hyperparameters; ``None`` means flat (maximum likelihood).
 
     Returns:
@@ -358,9 +510,15 @@ def sample(
     return x, z
 
 
+def prepare(x: Float[Array, "n d"]) -> Float[Array, "n d"]:
+    """The data as the EM pieces take it: ``x`` itself (nothing to precompute)."""
+    return x
+
+
 @functools.cache
 def model() -> em.ExactModel:
-    """The Bernoulli mixture as an :class:`emvi.em.ExactModel` (one cached instance).
+    """The Bernoulli mixture as an :class:`emvi.em.ExactModel` (one cached instance), with
+    every field of the protocol filled.
 
     ``hyper`` for the driver is a :class:`BernoulliMixturePrior` (or ``None``: maximum
     likelihood). The number of components and pixels come from the shapes of the params.
@@ -368,7 +526,8 @@ def model() -> em.ExactModel:
     Example:
       >>> x = jnp.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
       >>> p0 = BernoulliMixtureParams(jnp.array([0.5, 0.5]), jnp.array([[0.2, 0.7], [0.6, 0.4]]))
-      >>> res = em.fit_em(model(), p0, x, max_iter=20, hyper=BernoulliMixturePrior(1.0, 2.0, 2.0))
+      >>> prior = BernoulliMixturePrior(1.0, 2.0, 2.0)
+      >>> res = em.fit(model(), jax.tree.map(lambda v: v[None], p0), x, hyper=prior)
       >>> res.params.probs.shape
       (2, 2)
     """
@@ -378,7 +537,13 @@ def model() -> em.ExactModel:
         log_prob=log_prob,
         posterior=posterior,
         elbo=elbo,
+        prepare=prepare,
         expected_stats=expected_stats,
+        to_unconstrained=to_unconstrained,
+        from_unconstrained=from_unconstrained,
+        log_prior=log_prior,
+        q_to_unconstrained=q_to_unconstrained,
+        q_from_unconstrained=q_from_unconstrained,
     )
 
 
@@ -396,57 +561,92 @@ def init_params(
     *,
     method: str = "points",
     prior: BernoulliMixturePrior | None = None,
+    sample_weight: Float[Array, " n"] | None = None,
 ) -> BernoulliMixtureParams:
-    r"""Random initial parameters.
+    r"""Random initial parameters (one set; vmap over keys for a batch of restarts).
 
-    * ``"points"``: k distinct data points chosen at random, smoothed halfway towards 1/2,
-      :math:`\mu_k = \tfrac14 + \tfrac12 x_{i_k}` (so every probability lies in [1/4, 3/4]),
-      with uniform weights.
+    * ``"points"``: k distinct data points chosen at random (with probability proportional
+      to ``sample_weight`` when given, so zero-weight rows are never chosen), smoothed
+      halfway towards 1/2, :math:`\mu_k = \tfrac14 + \tfrac12 x_{i_k}` (so every probability
+      of a binary point lies in [1/4, 3/4]), with uniform weights.
     * ``"responsibilities"``: responsibilities drawn uniformly at random on the simplex
-      (Dirichlet(1)), followed by one M-step (with ``prior``).
+      (Dirichlet(1)), followed by one M-step (weighted by ``sample_weight``, with ``prior``).
 
     Args:
       key: a typed PRNG key.
-      x: data, shape (n, d), n >= k.
+      x: data, shape (n, d), with at least k rows of positive weight.
       num_components: k (static).
       method: one of :data:`INITS`.
       prior: used by the ``"responsibilities"`` M-step.
+      sample_weight: per-example weights (n,), in the dtype of ``x``; ones if None.
 
     Returns:
       Parameters in the dtype of ``x``.
+
+    Example:
+      >>> x = jnp.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+      >>> keys = jax.random.split(jax.random.key(0), 4)
+      >>> batch = jax.vmap(lambda kk: init_params(kk, x, 2))(keys)  # 4 restarts
+      >>> batch.probs.shape
+      (4, 2, 2)
     """
     n = x.shape[0]
     k = num_components
     if method == "points":
-        idx = jax.random.choice(key, n, shape=(k,), replace=False)
+        p = None if sample_weight is None else sample_weight / jnp.sum(sample_weight)
+        idx = jax.random.choice(key, n, shape=(k,), replace=False, p=p)
         probs = 0.25 + 0.5 * x[idx]
         return BernoulliMixtureParams(jnp.full((k,), 1.0 / k, x.dtype), probs)
     if method == "responsibilities":
         # Normalised standard exponentials are Dirichlet(1, ..., 1) draws.
         e = jax.random.exponential(key, (n, k), x.dtype)
         r = e / jnp.sum(e, axis=1, keepdims=True)
-        return m_step(expected_stats(r, x, jnp.ones(n, x.dtype)), prior)
+        w = jnp.ones(n, x.dtype) if sample_weight is None else sample_weight
+        return m_step(expected_stats(r, x, w), prior)
     raise ValueError(f"method must be one of {INITS}; got {method!r}.")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_components", "num_init", "init", "max_iter", "chunk_size")
-)
-def _fit_device(key, x, prior, tol, *, num_components, num_init, init, max_iter, chunk_size):
+@functools.partial(jax.jit, static_argnames=("num_components", "num_init", "method"))
+def _init_batch(key, x, prior, sample_weight, *, num_components, num_init, method):
     keys = jax.random.split(key, num_init)
-    p0 = jax.vmap(lambda k_: init_params(k_, x, num_components, method=init, prior=prior))(keys)
-    _, runs = em.run_em_restarts(
-        model(), p0, x, max_iter=max_iter, tol=tol, hyper=prior, chunk_size=chunk_size
-    )
-    n = x.shape[0]
-    objective = runs.log_likelihood + jax.vmap(lambda p: log_prior(p, prior))(runs.params) / n
-    objective = jnp.where(jnp.isnan(objective), -jnp.inf, objective)
-    best = jnp.argmax(objective)
-    pick = functools.partial(jax.tree_util.tree_map, lambda leaf: leaf[best])
-    r = pick(runs)
-    return BernoulliMixtureFit(
-        r.params, r.log_likelihood, objective[best], r.history, r.num_iter, r.converged
-    )
+    return jax.vmap(
+        lambda kk: init_params(
+            kk, x, num_components, method=method, prior=prior, sample_weight=sample_weight
+        )
+    )(keys)
+
+
+def _check_prior(prior, dtype) -> BernoulliMixturePrior | None:
+    if prior is None:
+        return None
+    if not isinstance(prior, BernoulliMixturePrior):
+        raise ValueError(
+            f"prior must be a BernoulliMixturePrior or None; got {type(prior).__name__}."
+        )
+    for name, value in zip(prior._fields, prior, strict=True):
+        v = np.asarray(value, np.float64)
+        if v.shape != () or not np.isfinite(v) or v < 1:
+            raise ValueError(
+                f"prior.{name} must be a finite scalar >= 1 (1 means a flat prior; below 1 the "
+                f"MAP estimate does not exist); got {value!r}."
+            )
+    return BernoulliMixturePrior(*(jnp.asarray(v, dtype) for v in prior))
+
+
+def _check_init_params(init: BernoulliMixtureParams, k: int, d: int, dtype):
+    w, p = (np.asarray(v, np.float64) for v in init)
+    if w.shape != (k,) or p.shape != (k, d):
+        raise ValueError(
+            f"init params must have weights of shape ({k},) and probs of shape ({k}, {d}) to "
+            f"match num_components and x; got {w.shape} and {p.shape}."
+        )
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(p))):
+        raise ValueError("init params contain NaN or infinite values.")
+    if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6 or np.any(p < 0) or np.any(p > 1):
+        raise ValueError(
+            "init params must have non-negative weights summing to one and probs in [0, 1]."
+        )
+    return BernoulliMixtureParams(*(jnp.asarray(v, dtype)[None] for v in init))
 
 
 def fit(
@@ -454,43 +654,51 @@ def fit(
     x,
     num_components: int,
     *,
+    init: str | BernoulliMixtureParams = "points",
+    prior: BernoulliMixturePrior | None = DEFAULT_PRIOR,
+    sample_weight=None,
     max_iter: int = 100,
     tol: float = 1e-3,
     num_init: int = 1,
-    init: str = "points",
-    alpha: float = 1.0,
-    a: float = 2.0,
-    b: float = 2.0,
     chunk_size: int | None = None,
-) -> BernoulliMixtureFit:
-    r"""Fits a Bernoulli mixture by (MAP-)EM, on device, keeping the best of ``num_init`` runs.
+) -> em.FitResult:
+    r"""Fits a Bernoulli mixture by (MAP-)EM on device, keeping the best of ``num_init`` runs.
 
-    The defaults put a Beta(2, 2) prior on every pixel probability (Laplace smoothing,
-    so held-out images never get :math:`-\infty`) and a flat prior on the weights; pass
-    ``a=b=1`` for maximum likelihood. All restarts run as one vmapped program
-    (:func:`emvi.em.run_em_restarts`); the one with the highest log-posterior (see
-    :class:`BernoulliMixtureFit`) is returned.
+    A thin call of the one driver :func:`emvi.em.fit`: the inputs are validated here, the
+    ``num_init`` initialisations are drawn by :func:`init_params` (one key each, split from
+    ``key``), and all restarts run as one vmapped program; the kept one has the highest log
+    posterior, ``log_likelihood + log_prior(params, prior) / sum(sample_weight)`` (the
+    objective MAP-EM climbs; the log-likelihood itself under ``prior=None``).
+
+    The default prior is :data:`DEFAULT_PRIOR` (flat on the weights, Beta(1.2, 1.2) on each
+    pixel probability, so held-out images never get :math:`-\infty`); ``prior=None`` is
+    maximum likelihood.
 
     Args:
       key: a typed PRNG key (drives the initialisation).
       x: data in [0, 1] (binary images), shape (n, d); bool and integer arrays are cast to
-        float32, floating arrays keep their dtype.
-      num_components: k, 1 <= k <= n.
+        float32, floating arrays keep their dtype. Values strictly between 0 and 1 are
+        allowed (a cross-entropy likelihood, see the module docstring).
+      num_components: k, 1 <= k <= the number of rows with positive weight.
+      init: ``"points"`` or ``"responsibilities"`` (see :func:`init_params`), or a
+        :class:`BernoulliMixtureParams` to start from (then every restart would be the
+        same, so one run is made and ``num_init`` is not used).
+      prior: a :class:`BernoulliMixturePrior` (every field a scalar >= 1) or None.
+      sample_weight: per-example weights (n,), >= 0 and not all zero; an integer weight
+        counts a row that many times. None means ones.
       max_iter: the most EM iterations per restart (>= 1).
       tol: stop once the mean log-likelihood changes by less than this (>= 0; 0 runs
         exactly ``max_iter`` iterations).
       num_init: number of random restarts (>= 1).
-      init: ``"points"`` or ``"responsibilities"`` (see :func:`init_params`).
-      alpha: Dirichlet concentration on the weights (>= 1).
-      a, b: Beta prior on pixel probabilities (each >= 1).
       chunk_size: run the E-step over chunks of this many images (bounded memory).
 
     Returns:
-      A :class:`BernoulliMixtureFit`.
+      An :class:`emvi.em.FitResult` (alias :data:`BernoulliMixtureFit`); its log posterior
+      is ``log_likelihood + log_prior(params, prior) / sum(sample_weight)``.
 
     Raises:
-      ValueError: if ``x`` is not a finite 2-D array with values in [0, 1], or any
-        hyperparameter is out of range.
+      ValueError: if ``x`` is not a finite 2-D array with values in [0, 1], or any other
+        argument is out of range.
     """
     arr = _checks.as_data_matrix(x)
     if arr.min() < 0 or arr.max() > 1:
@@ -498,31 +706,37 @@ def fit(
             "x must hold values in [0, 1] (binary pixels) for a Bernoulli mixture; got values "
             f"in [{arr.min()}, {arr.max()}]. Binarise or rescale the data first."
         )
-    n = arr.shape[0]
+    n, d = arr.shape
+    dtype = arr.dtype
+    w = _checks.check_sample_weight(sample_weight, n)
+    n_pos = n if w is None else int(np.count_nonzero(w))
     k = _checks.check_positive_int(num_components, name="num_components")
-    if k > n:
-        raise ValueError(f"num_components must be <= the number of points ({n}); got {k}.")
+    if k > n_pos:
+        raise ValueError(
+            f"num_components must be <= the number of points with positive weight ({n_pos}); "
+            f"got {k}."
+        )
     max_iter, tol, num_init, chunk_size = _checks.check_em_settings(
         max_iter=max_iter, tol=tol, num_init=num_init, chunk_size=chunk_size
     )
-    _checks.check_choice(init, name="init", choices=INITS)
-    for name, value in (("alpha", alpha), ("a", a), ("b", b)):
-        v = float(value)
-        if not np.isfinite(v) or v < 1:
+    prior = _check_prior(prior, dtype)
+    xj = jnp.asarray(arr)
+    wj = None if w is None else jnp.asarray(w, dtype)
+    if isinstance(init, BernoulliMixtureParams):
+        p0 = _check_init_params(init, k, d, dtype)
+    else:
+        if not isinstance(init, str) or init not in INITS:
             raise ValueError(
-                f"{name} must be a finite number >= 1 (1 means a flat prior; below 1 the MAP "
-                f"estimate does not exist); got {value!r}."
+                f"init must be one of {list(INITS)} or a BernoulliMixtureParams; got {init!r}."
             )
-    dtype = arr.dtype
-    prior = BernoulliMixturePrior(*(jnp.asarray(v, dtype) for v in (alpha, a, b)))
-    return _fit_device(
-        key,
-        jnp.asarray(arr),
-        prior,
-        jnp.asarray(tol, dtype),
-        num_components=k,
-        num_init=num_init,
-        init=init,
+        p0 = _init_batch(key, xj, prior, wj, num_components=k, num_init=num_init, method=init)
+    return em.fit(
+        model(),
+        p0,
+        xj,
+        wj,
         max_iter=max_iter,
+        tol=jnp.asarray(tol, dtype),
+        hyper=prior,
         chunk_size=chunk_size,
     )

@@ -6,8 +6,9 @@ Both kinds of method maximise the ELBO,
 
 * **Bernoulli mixtures by EM** (``emvi.bernoulli_mixture.fit``) for several numbers of
   components k: exact E-step, closed-form MAP M-step with a Beta(a, b) prior on every
-  pixel probability (Beta(2, 2) by default: Laplace smoothing, so no probability reaches
-  0 or 1 and no test image gets :math:`-\infty`) and a flat Dirichlet on the weights.
+  pixel probability (a symmetric Beta(a, a), a chosen per k from ``beta_grid`` on a
+  validation split of the training images; a > 1, so no probability reaches 0 or 1 and no
+  test image gets :math:`-\infty`) and a flat Dirichlet on the weights.
   :math:`\log p(x)` is exact and the ELBO at the exact posterior equals it;
 * a **Gaussian-latent VAE** (``experiments/vae.py``: MLP encoder and Bernoulli decoder,
   trained on the Monte Carlo ELBO with Adam), whose :math:`\log p(x)` is estimated by
@@ -153,9 +154,7 @@ def fit_mixtures(cfg: Config, split, log: runs.MetricsLog) -> tuple[list[dict], 
                 max_iter=cfg.mixture_max_iter,
                 tol=cfg.mixture_tol,
                 num_init=cfg.mixture_num_init,
-                alpha=cfg.dirichlet_alpha,
-                a=a,
-                b=a,
+                prior=bm.BernoulliMixturePrior(cfg.dirichlet_alpha, a, a),
             )
 
         validation = {}

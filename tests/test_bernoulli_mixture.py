@@ -1,35 +1,54 @@
-"""Bernoulli mixture: closed forms against float64 NumPy oracles, EM invariants, errors.
+"""Bernoulli mixture: closed forms against float64 NumPy/SciPy oracles, the protocol's
+gradient face, EM invariants, the public wrapper and its errors.
 
-Tolerances: pure float64 closed forms (enumeration, MAP formulas, KL) are compared at
-rtol 1e-12 or so (a few roundings apart); fitted parameters from two EM runs that should
-be identical up to reassociation (permuted data or labels) at 1e-9; float32 against
-float64 at 1e-3 nats per example (float32 rounding over ~50 iterations of 64 pixels).
+Tolerances (float64 throughout unless a test says otherwise; eps = 2.2e-16):
+
+* closed forms against an oracle computing the same quantity another way (enumeration,
+  MAP formulas, KL, analytic gradients) agree to a few hundred roundings of O(1)-O(10)
+  numbers: rtol 1e-12 leaves three orders of magnitude of margin over that and still
+  catches any wrong term (which moves results by >= 1e-3);
+* stationarity of the M-step: a gradient entry is a difference of O(N) terms, so exact
+  stationarity leaves N * eps * (a few) of rounding; the bound used is 100 * N * eps;
+* two EM runs that differ only by reassociation of the same sums (permuted data or labels,
+  integer weights vs duplicated rows) agree to 1e-9 relative after 15-20 iterations (each
+  iteration adds ~n * eps relative error to the statistics and EM near a fixed point does
+  not amplify it);
+* float32 against float64: 1e-3 nats per example (float32 rounding over ~50 iterations of
+  a dozen pixels).
+
+The core maths runs both jitted and eagerly (the ``variant`` parametrisation, chex's
+``with_jit`` / ``without_jit`` in pytest form); eager calls also run the input checks.
 """
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy import stats as sps
 
 from emvi import bernoulli_mixture as bm
 from emvi import em
 
-# Jitted once per module: one XLA compile per shape instead of op-by-op dispatch.
+# jit vs no-jit: every test taking ``variant`` runs once with each.
+VARIANTS = pytest.mark.parametrize(
+    "variant", [pytest.param(jax.jit, id="jit"), pytest.param(lambda f: f, id="eager")]
+)
+
+# Jitted once per module for tests that are not about jit itself.
 _log_prob = jax.jit(bm.log_prob)
 _posterior = jax.jit(bm.posterior)
-_elbo = jax.jit(bm.elbo)
 _e_step = jax.jit(bm.e_step)
 _m_step = jax.jit(bm.m_step)
-_expected_stats = jax.jit(bm.expected_stats)
 _log_prior = jax.jit(bm.log_prior)
-
 
 FLAT = bm.BernoulliMixturePrior(1.0, 1.0, 1.0)
 MAP = bm.BernoulliMixturePrior(2.0, 2.0, 3.0)
+EPS = float(np.finfo(np.float64).eps)
 
 
 def _random_params(rng, k, d, dtype=np.float64):
@@ -55,19 +74,34 @@ def _np_log_prob(params, x):
         return np.log(lik @ w)
 
 
+def _np_log_joint(params, x):
+    w, p = (np.asarray(a, np.float64) for a in params)
+    return np.log(w) + x @ np.log(p).T + (1 - x) @ np.log1p(-p).T
+
+
 # --------------------------------------------------------------------------------------
 # Densities
 # --------------------------------------------------------------------------------------
 
 
-def test_log_prob_matches_enumeration_and_normalises_over_all_binary_images(rng):
+@VARIANTS
+def test_log_prob_matches_enumeration_and_normalises_over_all_binary_images(rng, variant):
     k, d = 3, 6
     params = _random_params(rng, k, d)
     every_image = np.array(list(itertools.product([0.0, 1.0], repeat=d)))  # (64, 6)
-    lp = np.asarray(_log_prob(params, jnp.asarray(every_image)))
+    lp = np.asarray(variant(bm.log_prob)(params, jnp.asarray(every_image)))
     np.testing.assert_allclose(lp, _np_log_prob(params, every_image), rtol=1e-12)
     # A normalised distribution over {0,1}^d: probabilities of the 2^d images sum to one.
     np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-12)
+
+
+@VARIANTS
+def test_fractional_x_gives_the_cross_entropy_likelihood(rng, variant):
+    """x in [0, 1] enters the same formula: prod_j mu^x (1 - mu)^(1 - x) per component."""
+    params = _random_params(rng, 3, 5)
+    x = rng.uniform(0.0, 1.0, (20, 5))
+    lp = np.asarray(variant(bm.log_prob)(params, jnp.asarray(x)))
+    np.testing.assert_allclose(lp, _np_log_prob(params, x), rtol=1e-12)
 
 
 def test_probabilities_of_exactly_zero_and_one_give_minus_inf_not_nan():
@@ -101,43 +135,94 @@ def test_sample_pixel_frequencies_match_the_mixture_mean(rng):
     assert np.all(np.abs(freq - w) < 5 * np.sqrt(w * (1 - w) / m))
 
 
+@pytest.mark.parametrize("variant", [jax.jit])  # eagerly, dtype rules are the same
+def test_float32_in_float32_out(rng, variant):
+    """Strict dtype promotion is on: any float64 constant mixed in would raise."""
+    params = jax.tree.map(lambda v: v.astype(jnp.float32), _random_params(rng, 3, 6))
+    x = jnp.asarray(_planted_data(0, n=10, d=6), jnp.float32)
+    w = jnp.ones(10, jnp.float32)
+    stats, ll = variant(bm.e_step)(params, x, w)
+    new = variant(bm.m_step)(stats, bm.BernoulliMixturePrior(1.0, 1.2, 1.2))
+    u = variant(bm.to_unconstrained)(new)
+    q = variant(bm.posterior)(params, x)
+    outs = [ll, *stats, *new, *u, *bm.from_unconstrained(u), q, bm.q_to_unconstrained(q)]
+    outs += [variant(bm.elbo)(params, q, x), variant(bm.log_prior)(params, MAP)]
+    assert all(o.dtype == jnp.float32 for o in outs)
+
+
 # --------------------------------------------------------------------------------------
-# ELBO identities
+# Input checks of the scoring functions
 # --------------------------------------------------------------------------------------
 
 
-def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng):
+def _scorers(params, x):
+    q = jnp.full((x.shape[0], 2), 0.5)
+    return {
+        "log_joint": lambda: bm.log_joint(params, x),
+        "log_prob": lambda: bm.log_prob(params, x),
+        "posterior": lambda: bm.posterior(params, x),
+        "elbo": lambda: bm.elbo(params, q, x),
+        "e_step": lambda: bm.e_step(params, x, jnp.ones(x.shape[0])),
+    }
+
+
+_NAMES = ["log_joint", "log_prob", "posterior", "elbo", "e_step"]
+_P2 = bm.BernoulliMixtureParams(jnp.array([0.5, 0.5]), jnp.full((2, 3), 0.5))
+
+
+@VARIANTS
+@pytest.mark.parametrize("name", _NAMES)
+def test_wrong_column_count_raises_value_error_even_under_jit(name, variant):
+    x = jnp.zeros((4, 5))  # the params have 3 pixels
+    with pytest.raises(ValueError, match="5 columns but the params have 3"):
+        variant(_scorers(_P2, x)[name])()
+
+
+@pytest.mark.parametrize("name", _NAMES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_eager_scoring_rejects_non_finite_rows(name, bad):
+    x = jnp.zeros((4, 3)).at[2, 1].set(bad)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in row\(s\) 2"):
+        _scorers(_P2, x)[name]()
+
+
+# --------------------------------------------------------------------------------------
+# ELBO identities and gradients
+# --------------------------------------------------------------------------------------
+
+
+@VARIANTS
+def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng, variant):
     params = _random_params(rng, 4, 10)
     x = jnp.asarray(_planted_data(1, n=30, d=10))
-    lp = np.asarray(_log_prob(params, x))
-    post = np.asarray(_posterior(params, x))
-    np.testing.assert_allclose(_elbo(params, jnp.asarray(post), x), lp, rtol=1e-12)
+    lp = np.asarray(variant(bm.log_prob)(params, x))
+    post = np.asarray(variant(bm.posterior)(params, x))
+    elbo = variant(bm.elbo)
+    np.testing.assert_allclose(elbo(params, jnp.asarray(post), x), lp, rtol=1e-12)
     q = rng.dirichlet(np.ones(4), size=30)
-    gap = lp - np.asarray(_elbo(params, jnp.asarray(q), x))
+    gap = lp - np.asarray(elbo(params, jnp.asarray(q), x))
     kl = np.sum(q * (np.log(q) - np.log(post)), axis=1)
-    np.testing.assert_allclose(gap, kl, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gap, kl, rtol=1e-9, atol=1e-12)  # a difference of O(10) terms
     assert np.all(gap > 0)
 
 
-def test_m_step_of_expected_stats_maximises_the_elbo_of_any_q(rng):
-    x = jnp.asarray(_planted_data(14, n=40, d=8))
-    q = jnp.asarray(rng.dirichlet(np.ones(3), size=40))
-    best = _m_step(_expected_stats(q, x, jnp.ones(40)), FLAT)
-    top = float(jnp.sum(_elbo(best, q, x)))
-    for _ in range(3):
-        other = bm.BernoulliMixtureParams(
-            jax.nn.softmax(jnp.log(best.weights) + rng.normal(0, 0.05, 3)),
-            jax.nn.sigmoid(jax.scipy.special.logit(best.probs) + rng.normal(0, 0.05, (3, 8))),
-        )
-        assert float(jnp.sum(_elbo(other, q, x))) < top
-    # The E-step is expected_stats at the exact posterior.
-    stats, _ = _e_step(best, x, jnp.ones(40))
-    direct = _expected_stats(_posterior(best, x), x, jnp.ones(40))
-    for u, v in zip(stats, direct, strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-13)
+@VARIANTS
+def test_elbo_gradients_in_q_and_params_match_their_closed_forms(rng, variant):
+    """d/dq_ik = log p(x_i, k) - log q_ik - 1; d/dpi_k = N_k / pi_k;
+    d/dmu_kj = sum_i q_ik (x_ij / mu_kj - (1 - x_ij) / (1 - mu_kj))."""
+    params = _random_params(rng, 3, 7)
+    x = _planted_data(5, n=25, d=7)
+    q = rng.dirichlet(np.ones(3), size=25)
+    total = variant(jax.grad(lambda p, q_: jnp.sum(bm.elbo(p, q_, jnp.asarray(x))), (0, 1)))
+    g_params, g_q = total(params, jnp.asarray(q))
+    np.testing.assert_allclose(g_q, _np_log_joint(params, x) - np.log(q) - 1.0, rtol=1e-12)
+    w, p = (np.asarray(a) for a in params)
+    np.testing.assert_allclose(g_params.weights, q.sum(0) / w, rtol=1e-12)
+    g_mu = (q.T @ x) / p - (q.T @ (1 - x)) / (1 - p)
+    np.testing.assert_allclose(g_params.probs, g_mu, rtol=1e-12, atol=1e-12)
 
 
-def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
+def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m():
     x = jnp.asarray(_planted_data(2))
     p0 = bm.init_params(jax.random.key(1), x, 3)
     tr = em.em_trace(bm.model(), p0, x, num_iter=6, hyper=MAP)
@@ -148,58 +233,67 @@ def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
 
 
 # --------------------------------------------------------------------------------------
-# M-step
+# M-step and log prior
 # --------------------------------------------------------------------------------------
 
 
+@VARIANTS
 @pytest.mark.parametrize("prior", [None, FLAT, MAP, bm.BernoulliMixturePrior(3.5, 1.0, 1.5)])
-def test_m_step_matches_numpy_map_formulas(rng, prior):
+def test_m_step_matches_numpy_map_formulas(rng, prior, variant):
     k, d = 4, 7
     nk = rng.uniform(1.0, 20.0, k)
     sk = nk[:, None] * rng.uniform(0.0, 1.0, (k, d))
-    out = _m_step(bm.BernoulliMixtureStats(jnp.asarray(nk), jnp.asarray(sk)), prior)
+    out = variant(bm.m_step)(bm.BernoulliMixtureStats(jnp.asarray(nk), jnp.asarray(sk)), prior)
     alpha, a, b = (1.0, 1.0, 1.0) if prior is None else prior
     w = (nk + alpha - 1) / (nk.sum() + k * (alpha - 1))
     p = (sk + a - 1) / (nk[:, None] + a + b - 2)
-    np.testing.assert_allclose(out.weights, w, rtol=1e-13)
-    np.testing.assert_allclose(out.probs, p, rtol=1e-13)
+    chex.assert_trees_all_close(out, bm.BernoulliMixtureParams(w, p), rtol=1e-13)
 
 
-def _expected_log_joint_in_logits(eta, theta, stats, prior):
-    """sum_k N_k log pi_k + sum_kj [S log mu + (N - S) log(1 - mu)] + log prior, with
-    pi = softmax(eta) and mu = sigmoid(theta): an unconstrained parametrisation."""
-    alpha, a, b = prior
-    nk, sk = stats
-    log_pi = jax.nn.log_softmax(eta)
-    log_mu, log_1m = jax.nn.log_sigmoid(theta), jax.nn.log_sigmoid(-theta)
-    return (
-        jnp.sum((nk + alpha - 1) * log_pi)
-        + jnp.sum((sk + a - 1) * log_mu)
-        + jnp.sum((nk[:, None] - sk + b - 1) * log_1m)
-    )
+def test_log_prior_differences_match_scipy_densities(rng):
+    """log_prior is the Dirichlet x Beta log-density up to a constant (its normaliser)."""
+    alpha, a, b = 2.5, 1.5, 3.0
+    prior = bm.BernoulliMixturePrior(alpha, a, b)
+    p1, p2 = _random_params(rng, 4, 5), _random_params(rng, 4, 5)
+
+    def scipy_log_density(p):
+        w, mu = (np.asarray(v) for v in p)
+        return sps.dirichlet.logpdf(w, np.full(4, alpha)) + sps.beta.logpdf(mu, a, b).sum()
+
+    ours = float(_log_prior(p1, prior) - _log_prior(p2, prior))
+    np.testing.assert_allclose(ours, scipy_log_density(p1) - scipy_log_density(p2), rtol=1e-12)
+    assert float(_log_prior(p1, None)) == 0.0 == float(_log_prior(p1, FLAT))
 
 
-_value_and_grad = jax.jit(jax.value_and_grad(_expected_log_joint_in_logits, argnums=(0, 1)))
+def _weighted_objective(u, q, x, w, prior):
+    """sum_i w_i ELBO_i(q_i, theta) + log_prior(theta), theta = from_unconstrained(u)."""
+    theta = bm.from_unconstrained(u)
+    return jnp.sum(w * bm.elbo(theta, q, x)) + bm.log_prior(theta, prior)
 
 
-@pytest.mark.parametrize("prior", [FLAT, MAP])
-def test_m_step_is_a_stationary_point_of_the_expected_complete_log_posterior(prior):
-    x = jnp.asarray(_planted_data(3, n=80, d=9))
-    # A generic point (not a fixed point of EM): probabilities strictly inside (0, 1).
-    params = _random_params(np.random.default_rng(4), 3, 9)
-    stats, _ = _e_step(params, x, jnp.ones(80))
-    new = _m_step(stats, prior)
-    eta = jnp.log(new.weights)
-    theta = jnp.log(new.probs) - jnp.log1p(-new.probs)
+_objective_and_grad = jax.jit(jax.value_and_grad(_weighted_objective))
+
+
+@pytest.mark.parametrize("prior", [FLAT, MAP, bm.BernoulliMixturePrior(3.5, 1.2, 1.7)])
+def test_map_m_step_is_stationary_for_weighted_elbo_plus_log_prior(rng, prior):
+    """The closed-form M-step of expected_stats(q, x, w) is a stationary point, in the
+    unconstrained coordinates of the gradient face, of the very objective a gradient M-step
+    climbs; so log_prior is the prior m_step maximises, and the two M-steps agree."""
+    n, k, d = 80, 3, 9
+    x = jnp.asarray(_planted_data(3, n=n, d=d))
+    q = jnp.asarray(rng.dirichlet(np.ones(k), size=n))  # an arbitrary q, not the posterior
+    w = jnp.asarray(rng.uniform(0.2, 2.0, n))
     prior = bm.BernoulliMixturePrior(*(jnp.asarray(v, jnp.float64) for v in prior))
-    q0, grads = _value_and_grad(eta, theta, stats, prior)
-    # Terms are O(N) = O(80); exact stationarity leaves only rounding, far below 1e-10.
-    for g in grads:
-        assert np.max(np.abs(np.asarray(g))) < 1e-10
+    theta = _m_step(bm.expected_stats(q, x, w), prior)
+    u = bm.to_unconstrained(theta)
+    value, grad = _objective_and_grad(u, q, x, w, prior)
+    bound = 100 * float(jnp.sum(w)) * EPS  # see the module docstring
+    for g in jax.tree.leaves(grad):
+        assert np.max(np.abs(np.asarray(g))) < bound
     # ...and it is a maximum: a small step in a random direction lowers the objective.
-    rng = np.random.default_rng(5)
-    de, dt = rng.standard_normal(3) * 1e-3, rng.standard_normal((3, 9)) * 1e-3
-    assert _value_and_grad(eta + de, theta + dt, stats, prior)[0] < q0
+    step = jax.tree.map(lambda v: 1e-3 * jnp.asarray(rng.standard_normal(v.shape)), u)
+    moved = jax.tree.map(jnp.add, u, step)
+    assert _objective_and_grad(moved, q, x, w, prior)[0] < value
 
 
 def test_empty_component_under_maximum_likelihood_gets_pooled_probs_not_nan():
@@ -207,6 +301,66 @@ def test_empty_component_under_maximum_likelihood_gets_pooled_probs_not_nan():
     out = _m_step(stats, FLAT)
     np.testing.assert_allclose(out.weights, [1.0, 0.0])
     np.testing.assert_allclose(out.probs, [[0.2, 0.8], [0.2, 0.8]])
+
+
+# --------------------------------------------------------------------------------------
+# The gradient face: bijections
+# --------------------------------------------------------------------------------------
+
+
+def test_model_fills_every_field_of_the_protocol():
+    model = bm.model()
+    em.require(model, *em.ExactModel._fields, purpose="the whole EM/VI grid")
+    assert model is bm.model()  # cached: one static argument, one compile
+
+
+@VARIANTS
+def test_parameter_bijection_round_trips(rng, variant):
+    params = _random_params(rng, 4, 6)
+    to_u, from_u = variant(bm.to_unconstrained), variant(bm.from_unconstrained)
+    u = to_u(params)
+    # Centred weight logits; every real u is valid.
+    np.testing.assert_allclose(jnp.sum(u.weights), 0.0, atol=1e-14)
+    chex.assert_trees_all_close(from_u(u), params, rtol=1e-14)
+    # The other way, from centred logits with |u| <= 4: logit(sigmoid(t)) amplifies
+    # sigmoid's relative rounding by 1 / (1 - mu) <= 56, hence atol 1e-12.
+    raw = rng.uniform(-4, 4, 4)
+    v = bm.BernoulliMixtureParams(
+        jnp.asarray(raw - raw.mean()), jnp.asarray(rng.uniform(-4, 4, (4, 6)))
+    )
+    chex.assert_trees_all_close(to_u(from_u(v)), v, atol=1e-12)
+
+
+@VARIANTS
+def test_bijections_are_finite_at_zero_and_one(variant):
+    """Maximum likelihood gives weights of 0 and probabilities of 0 or 1: their logits are
+    clipped at log(tiny) (about -708), finite, and map back to within tiny of the value."""
+    params = bm.BernoulliMixtureParams(
+        jnp.array([0.7, 0.3, 0.0]), jnp.array([[0.0, 1.0], [0.5, 1.0], [0.2, 0.0]])
+    )
+    u = variant(bm.to_unconstrained)(params)
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in u)
+    tiny = float(np.finfo(np.float64).tiny)
+    # Centring moves every weight logit by mean(log w) (about -236 here), so the logits
+    # carry absolute rounding of eps * max|u|, which softmax turns into relative error.
+    rtol = 10 * EPS * float(jnp.max(jnp.abs(u.weights)))
+    back = variant(bm.from_unconstrained)(u)
+    chex.assert_trees_all_close(back, params, atol=2 * tiny, rtol=rtol)
+    q = jnp.array([[1.0, 0.0], [0.25, 0.75]])
+    uq = variant(bm.q_to_unconstrained)(q)
+    assert np.all(np.isfinite(np.asarray(uq)))
+    np.testing.assert_allclose(variant(bm.q_from_unconstrained)(uq), q, rtol=1e-15, atol=2 * tiny)
+
+
+@VARIANTS
+def test_q_bijection_round_trips(rng, variant):
+    q = jnp.asarray(rng.dirichlet(np.ones(5), size=7))
+    back = variant(bm.q_from_unconstrained)(variant(bm.q_to_unconstrained)(q))
+    np.testing.assert_allclose(back, q, rtol=1e-14)  # a softmax of logs: a few roundings
+    u = jnp.asarray(rng.normal(size=(7, 5)))
+    again = bm.q_to_unconstrained(bm.q_from_unconstrained(u))
+    # Equal up to a shift of each row (the softmax forgets it).
+    np.testing.assert_allclose(again - again[:, :1], u - u[:, :1], atol=1e-13)
 
 
 # --------------------------------------------------------------------------------------
@@ -243,7 +397,7 @@ def test_em_never_decreases_its_objective(seed, use_prior):
 def test_flat_prior_em_matches_an_independent_numpy_em():
     x = _planted_data(7, n=100, d=10)
     p0 = _random_params(np.random.default_rng(8), 3, 10)
-    res = em.fit_em(bm.model(), p0, jnp.asarray(x), max_iter=8, tol=0.0, hyper=FLAT)
+    res = bm.fit(jax.random.key(0), x, 3, init=p0, prior=None, max_iter=8, tol=0.0)
     w, p = (np.asarray(a) for a in p0)
     for _ in range(8):
         lj = np.log(w) + x @ np.log(p).T + (1 - x) @ np.log1p(-p).T
@@ -251,23 +405,22 @@ def test_flat_prior_em_matches_an_independent_numpy_em():
         r /= r.sum(1, keepdims=True)
         nk = r.sum(0)
         w, p = nk / nk.sum(), (r.T @ x) / nk[:, None]
-    np.testing.assert_allclose(res.params.weights, w, rtol=1e-10)
-    np.testing.assert_allclose(res.params.probs, p, rtol=1e-10)
+    chex.assert_trees_all_close(res.params, bm.BernoulliMixtureParams(w, p), rtol=1e-10)
 
 
 def test_label_permutation_and_data_order_invariance():
     x = _planted_data(9, n=120, d=10)
     p0 = _random_params(np.random.default_rng(10), 3, 10)
-    kw = dict(max_iter=15, tol=0.0, hyper=MAP)
-    base = em.fit_em(bm.model(), p0, jnp.asarray(x), **kw)
+    kw = dict(max_iter=15, tol=0.0, prior=MAP)
+    base = bm.fit(jax.random.key(0), x, 3, init=p0, **kw)
     perm_k = np.array([2, 0, 1])
     permuted_p0 = bm.BernoulliMixtureParams(p0.weights[perm_k], p0.probs[perm_k])
-    by_label = em.fit_em(bm.model(), permuted_p0, jnp.asarray(x), **kw)
-    np.testing.assert_allclose(by_label.params.weights, base.params.weights[perm_k], rtol=1e-9)
-    np.testing.assert_allclose(by_label.params.probs, base.params.probs[perm_k], rtol=1e-9)
+    by_label = bm.fit(jax.random.key(0), x, 3, init=permuted_p0, **kw)
+    expected = jax.tree.map(lambda v: v[perm_k], base.params)
+    chex.assert_trees_all_close(by_label.params, expected, rtol=1e-9)
     perm_n = np.random.default_rng(11).permutation(120)
-    by_order = em.fit_em(bm.model(), p0, jnp.asarray(x[perm_n]), **kw)
-    np.testing.assert_allclose(by_order.params.probs, base.params.probs, rtol=1e-9)
+    by_order = bm.fit(jax.random.key(0), x[perm_n], 3, init=p0, **kw)
+    chex.assert_trees_all_close(by_order.params, base.params, rtol=1e-9)
     np.testing.assert_allclose(by_order.log_likelihood, base.log_likelihood, rtol=1e-12)
 
 
@@ -276,29 +429,65 @@ def test_label_permutation_and_data_order_invariance():
 # --------------------------------------------------------------------------------------
 
 
-# Every fit below shares one static configuration, so the wrapper compiles once per dtype.
+# Every fit below shares one static configuration, so the driver compiles once per dtype.
 _FIT = dict(max_iter=100, num_init=3)
 _X_FIT = _planted_data(12, n=400, d=12)
 
 
 def test_fit_recovers_planted_prototypes_and_reports_consistent_numbers():
-    res = bm.fit(jax.random.key(0), _X_FIT, 3, tol=1e-8, a=1.0, b=1.0, **_FIT)
+    res = bm.fit(jax.random.key(0), _X_FIT, 3, tol=1e-8, prior=None, **_FIT)
+    assert isinstance(res, em.FitResult) and bm.BernoulliMixtureFit is em.FitResult
     assert bool(res.converged) and 1 < int(res.num_iter) < 100
     lp = np.asarray(_log_prob(res.params, jnp.asarray(_X_FIT)))
     np.testing.assert_allclose(res.log_likelihood, lp.mean(), rtol=1e-12)
-    np.testing.assert_allclose(res.log_posterior, res.log_likelihood, rtol=1e-12)  # flat
+    assert res.restart_log_likelihoods.shape == (3,)
     # The planted prototypes are 0.85 / 0.1 per pixel: each fitted row sits near one of them.
     probs = np.sort(np.asarray(res.params.probs), axis=0)
     assert np.all((np.abs(probs - 0.85) < 0.1) | (np.abs(probs - 0.1) < 0.1))
 
 
-def test_fit_with_prior_reports_the_log_posterior_it_ranks_restarts_by():
-    res = bm.fit(jax.random.key(1), _X_FIT, 3, tol=1e-6, alpha=2.0, a=2.0, b=3.0, **_FIT)
-    expected = res.log_likelihood + _log_prior(res.params, MAP) / _X_FIT.shape[0]
-    np.testing.assert_allclose(res.log_posterior, expected, rtol=1e-12)
+def test_fit_is_the_one_driver_on_init_params_batches():
+    """fit = init_params vmapped over split keys, then em.fit with the prior as hyper."""
+    prior = MAP
+    res = bm.fit(jax.random.key(1), _X_FIT, 3, tol=1e-6, prior=prior, **_FIT)
+    x = jnp.asarray(_X_FIT)
+    keys = jax.random.split(jax.random.key(1), 3)
+    p0 = jax.vmap(lambda kk: bm.init_params(kk, x, 3))(keys)
+    hyper = bm.BernoulliMixturePrior(*(jnp.asarray(v, jnp.float64) for v in prior))
+    tol = jnp.asarray(1e-6)  # as fit passes it (a Python float would recompile)
+    direct = em.fit(bm.model(), p0, x, max_iter=100, tol=tol, hyper=hyper)
+    chex.assert_trees_all_close(res, direct, rtol=1e-14)
     probs = np.asarray(res.params.probs)
     assert probs.min() > 0 and probs.max() < 1  # a Beta(2, 3) prior: never exactly 0 or 1
-    assert np.all(np.isfinite(np.asarray(res.history)[: int(res.num_iter)]))
+
+
+def test_default_prior_is_documented_one():
+    a = bm.fit(jax.random.key(3), _X_FIT, 3, tol=1e-6, **_FIT)
+    b = bm.fit(jax.random.key(3), _X_FIT, 3, tol=1e-6, prior=bm.DEFAULT_PRIOR, **_FIT)
+    c = bm.fit(jax.random.key(3), _X_FIT, 3, tol=1e-6, prior=None, **_FIT)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(a.params.probs, c.params.probs)  # the prior is not flat
+
+
+def test_integer_sample_weights_equal_duplicated_rows_and_zero_weights_dropped_rows():
+    x = _planted_data(13, n=60, d=8)
+    counts = np.random.default_rng(14).integers(0, 4, 60)  # zeros included: dropped rows
+    p0 = _random_params(np.random.default_rng(15), 3, 8)
+    kw = dict(init=p0, prior=MAP, max_iter=20, tol=0.0)
+    weighted = bm.fit(jax.random.key(0), x, 3, sample_weight=counts, **kw)
+    duplicated = bm.fit(jax.random.key(0), np.repeat(x, counts, axis=0), 3, **kw)
+    chex.assert_trees_all_close(weighted.params, duplicated.params, rtol=1e-9)
+    np.testing.assert_allclose(weighted.log_likelihood, duplicated.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(weighted.history, duplicated.history, rtol=1e-12)
+
+
+def test_weighted_points_init_never_picks_a_zero_weight_row():
+    x = jnp.asarray(np.eye(10))
+    w = jnp.asarray(np.r_[np.zeros(6), np.ones(4)])
+    for seed in range(5):
+        p = bm.init_params(jax.random.key(seed), x, 4, sample_weight=w)
+        rows = np.rint((np.asarray(p.probs) - 0.25) / 0.5).argmax(1)
+        assert sorted(rows) == [6, 7, 8, 9]
 
 
 def test_responsibilities_init_is_a_valid_m_step_output():
@@ -316,6 +505,9 @@ def test_bool_input_runs_in_float32_and_matches_float64():
     assert abs(float(r32.log_likelihood) - float(r64.log_likelihood)) < 1e-3
 
 
+_P0 = bm.BernoulliMixtureParams(np.array([0.5, 0.5]), np.full((2, 3), 0.5))
+
+
 @pytest.mark.parametrize(
     ("x", "kwargs", "match"),
     [
@@ -325,11 +517,17 @@ def test_bool_input_runs_in_float32_and_matches_float64():
         (np.array([[0.0, -0.5], [1.0, 0.0]]), {}, r"\[0, 1\]"),
         (np.eye(3), {"num_components": 0}, "num_components"),
         (np.eye(3), {"num_components": 4}, "num_components"),
+        (np.eye(3), {"sample_weight": [1.0, 0.0, 0.0]}, "num_components"),
+        (np.eye(3), {"sample_weight": [1.0, -1.0, 1.0]}, "sample_weight"),
+        (np.eye(3), {"sample_weight": [1.0, 1.0]}, "sample_weight"),
         (np.eye(3), {"tol": -1.0}, "tol"),
-        (np.eye(3), {"a": 0.5}, "a must"),
-        (np.eye(3), {"b": np.inf}, "b must"),
-        (np.eye(3), {"alpha": 0.9}, "alpha"),
+        (np.eye(3), {"prior": bm.BernoulliMixturePrior(1.0, 0.5, 1.0)}, "prior.a"),
+        (np.eye(3), {"prior": bm.BernoulliMixturePrior(1.0, 1.0, np.inf)}, "prior.b"),
+        (np.eye(3), {"prior": bm.BernoulliMixturePrior(0.9)}, "prior.alpha"),
         (np.eye(3), {"init": "kmeans"}, "init"),
+        (np.eye(3), {"init": _P0._replace(probs=np.full((2, 4), 0.5))}, "shape"),
+        (np.eye(3), {"init": _P0._replace(weights=np.array([0.5, 0.6]))}, "summing to one"),
+        (np.eye(3), {"init": _P0._replace(probs=np.full((2, 3), 1.5))}, r"\[0, 1\]"),
         (np.eye(3), {"num_init": 0}, "num_init"),
     ],
 )
