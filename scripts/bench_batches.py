@@ -46,12 +46,12 @@ def main(argv=None) -> dict:
         cov = np.ones((k, d)) if ct == "diag" else np.broadcast_to(np.eye(d), (k, d, d))
         return gmm.GMMParams(jnp.full((k,), 1.0 / k), jnp.asarray(x[rows]), jnp.asarray(cov))
 
-    def timed(fn):
-        jax.block_until_ready(fn())
+    def timed(fn, *fargs, **fkw):
+        jax.block_until_ready(fn(*fargs, **fkw))
         ts = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            jax.block_until_ready(fn())
+            jax.block_until_ready(fn(*fargs, **fkw))
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
@@ -62,11 +62,11 @@ def main(argv=None) -> dict:
         one = jax.tree_util.tree_map(lambda a: a[None], starts[0])
         many = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *starts)
         kw = dict(max_iter=args.iters, tol=0.0, hyper=hyper)
-        t1 = timed(lambda: em.fit(model, one, xj, **kw))
-        tr = timed(lambda: em.fit(model, many, xj, **kw))
+        t1 = timed(em.fit, model, one, xj, **kw)
+        tr = timed(em.fit, model, many, xj, **kw)
         xs = jnp.stack([xj[rng.permutation(n)] for _ in range(b)])
         pb = jax.tree_util.tree_map(lambda a: a[:, None], many)
-        td = timed(lambda: em.fit_many(model, pb, xs, **kw))
+        td = timed(em.fit_many, model, pb, xs, **kw)
         rows.append(
             {
                 "covariance_type": ct,
