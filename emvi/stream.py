@@ -191,8 +191,31 @@ def from_array(x, *, chunk_size: int, sample_weight=None, seed: int | None = Non
     return _row_source(arr, w, chunk_size, seed, "the array")
 
 
+class _NpyBlocks:
+    """Row blocks of a C-ordered ``.npy`` file, read with ``seek`` + ``fromfile``.
+
+    Unlike a memory map, whose pages stay resident (and count as the process's memory)
+    once touched, each read here allocates just the block, which is freed with it: the
+    process holds O(chunk) of the data however large the file.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, offset: int):
+        self.path, self.shape, self.dtype, self.offset = path, shape, dtype, offset
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi, _ = rows.indices(self.shape[0])
+        d = self.shape[1]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + lo * d * self.dtype.itemsize)
+            block = np.fromfile(f, dtype=self.dtype, count=(hi - lo) * d)
+        return block.reshape(hi - lo, d)
+
+
 def from_npy(path: str | os.PathLike, *, chunk_size: int, seed: int | None = None) -> Source:
-    """A source over a ``.npy`` file, memory-mapped: only one chunk is read at a time.
+    """A source over a ``.npy`` file: only one chunk of it is read into memory at a time.
+
+    C-ordered files are read block by block with ``seek`` and ``fromfile`` (so the process's
+    resident memory stays O(chunk)); Fortran-ordered ones through a memory map.
 
     Raises:
       ValueError: when the file does not exist, is not a ``.npy`` array, or is not a 2-D
@@ -213,6 +236,8 @@ def from_npy(path: str | os.PathLike, *, chunk_size: int, seed: int | None = Non
         raise ValueError(f"{path} must hold a numeric array; it holds dtype {rows.dtype}.")
     if rows.shape[0] < 1 or rows.shape[1] < 1:
         raise ValueError(f"{path} holds an empty array of shape {rows.shape}.")
+    if rows.flags.c_contiguous and rows.dtype.hasobject is False:
+        rows = _NpyBlocks(path, rows.shape, rows.dtype, int(rows.offset))
     return _row_source(rows, None, chunk_size, seed, str(path))
 
 
