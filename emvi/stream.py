@@ -150,7 +150,7 @@ def _float_dtype(dtype) -> np.dtype:
 
 
 def _row_source(
-    rows: np.ndarray, weights: np.ndarray | None, chunk_size: int, seed: int | None, describe: str
+    rows: Any, weights: np.ndarray | None, chunk_size: int, seed: int | None, describe: str
 ) -> Source:
     """A source over a 2-D array-like with random access by row blocks (array or memmap)."""
     n, d = rows.shape
