@@ -78,6 +78,7 @@ from jax import lax
 from jax.scipy.special import digamma, gammaln, multigammaln, xlogy
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
+from emvi import bernoulli_mixture as bmix
 from emvi import gmm
 from emvi import kmeans as km
 from emvi._checks import (
@@ -483,25 +484,11 @@ def elbo(
     :math:`q(v_j) = \mathrm{Beta}(a_j, b_j)` for each of the k sticks.
     """
     dtype = post.means.dtype
-    k, d = post.means.shape
+    d = post.means.shape[1]
     alpha0, m0, beta0, psi0, nu0 = (jnp.asarray(a, dtype) for a in hyper.prior)
     lj = expected_log_joint(post, data, covariance_type="full", weight_prior_type=weight_prior_type)
     local = jnp.sum(resp * lj) - jnp.sum(xlogy(resp, resp))
-    # Weights.
-    elog = expected_log_weights(post, weight_prior_type=weight_prior_type)
-    wc = post.weight_concentration
-    if weight_prior_type == "dirichlet_process":
-        a, b = wc[0], wc[1]
-        ds = digamma(a + b)
-        e_log_v, e_log_1mv = digamma(a) - ds, digamma(b) - ds
-        log_p = -betaln(jnp.ones_like(a), alpha0) + (alpha0 - 1.0) * e_log_1mv
-        log_q = -betaln(a, b) + (a - 1.0) * e_log_v + (b - 1.0) * e_log_1mv
-        weights_term = jnp.sum(log_p - log_q)
-    else:
-        alpha = wc
-        log_c = gammaln(jnp.sum(alpha)) - jnp.sum(gammaln(alpha))
-        log_c0 = gammaln(k * alpha0) - k * gammaln(alpha0)
-        weights_term = log_c0 - log_c + jnp.sum((alpha0 - alpha) * elog)
+    weights_term = _weights_elbo_term(post.weight_concentration, alpha0, weight_prior_type)
     # Normal-Wishart terms.
     nu, beta, m, cov = post.degrees_of_freedom, post.mean_precision, post.means, post.covariances
     chol = jnp.linalg.cholesky(cov)
@@ -839,3 +826,284 @@ def effective_components(
     """How many components have posterior-mean weight above ``threshold``."""
     check_positive(threshold, name="threshold")
     return jnp.sum(mixture_weights(post, weight_prior_type=weight_prior_type) > threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# Bayesian Bernoulli mixture (Beta-Dirichlet variational posterior)
+# ---------------------------------------------------------------------------------------
+
+
+class VBBernoulliPosterior(NamedTuple):
+    r"""q(pi) q(mu) for the Bernoulli mixture.
+
+    Attributes:
+      weight_concentration: (k,) Dirichlet :math:`\alpha_j`, or (2, k) stick-breaking
+        Beta parameters.
+      a, b: (k, d) :math:`q(\mu_{jc}) = \mathrm{Beta}(a_{jc}, b_{jc})`.
+    """
+
+    weight_concentration: Float[Array, "..."]
+    a: Float[Array, "k d"]
+    b: Float[Array, "k d"]
+
+
+class VBBernoulliPrior(NamedTuple):
+    r"""Prior :math:`\pi \sim \mathrm{Dir}(\alpha_0)` (or sticks :math:`\mathrm{Beta}(1,
+    \alpha_0)`), :math:`\mu_{jc} \sim \mathrm{Beta}(a_0, b_0)`; all > 0 (the MAP prior of
+    :class:`emvi.bernoulli_mixture.BernoulliMixturePrior` needs >= 1, VB does not)."""
+
+    alpha: Float[Array, ""] | float = 1.0
+    a: Float[Array, ""] | float = 1.0
+    b: Float[Array, ""] | float = 1.0
+
+
+class VBBernoulliFit(NamedTuple):
+    """What :func:`fit_bernoulli` returns: the posterior, the exact ELBO (summed over
+    images) after the last iteration, its history (NaN from ``num_iter``), ``num_iter`` and
+    ``converged``."""
+
+    posterior: VBBernoulliPosterior
+    elbo: Float[Array, ""]
+    history: Float[Array, " t"]
+    num_iter: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def _as_dirichlet_like(post: VBBernoulliPosterior) -> VBGMMPosterior:
+    """Borrow the weight expectations of the Gaussian mixture's posterior."""
+    k = post.a.shape[0]
+    z = jnp.zeros((k,), post.a.dtype)
+    return VBGMMPosterior(post.weight_concentration, z, post.a, z, z)
+
+
+def bernoulli_expected_log_joint(
+    post: VBBernoulliPosterior, x: Float[Array, "n d"], *, weight_prior_type: str
+) -> Float[Array, "n k"]:
+    r"""Local-step logits :math:`E[\log\pi_j] + \sum_c x_{ic} E[\log\mu_{jc}]
+    + (1 - x_{ic}) E[\log(1 - \mu_{jc})]`, with :math:`E[\log\mu] = \psi(a) - \psi(a + b)`."""
+    ds = digamma(post.a + post.b)
+    e_log_mu, e_log_1mmu = digamma(post.a) - ds, digamma(post.b) - ds
+    elog_w = expected_log_weights(_as_dirichlet_like(post), weight_prior_type=weight_prior_type)
+    return x @ e_log_mu.T + (1.0 - x) @ e_log_1mmu.T + elog_w[None, :]
+
+
+def bernoulli_global_step(
+    stats: bmix.BernoulliMixtureStats, prior: VBBernoulliPrior, *, weight_prior_type: str
+) -> VBBernoulliPosterior:
+    r"""Closed-form global step from :func:`emvi.bernoulli_mixture.expected_stats`:
+    :math:`a_{jc} = a_0 + S_{jc}`, :math:`b_{jc} = b_0 + N_j - S_{jc}`, and
+    :math:`\alpha_j = \alpha_0 + N_j` (or the sticks' :math:`(1 + N_j, \alpha_0 +
+    \sum_{l>j} N_l)`)."""
+    dtype = stats.sum_x.dtype
+    alpha0, a0, b0 = (jnp.asarray(v, dtype) for v in prior)
+    nk, sk = stats.counts, stats.sum_x
+    if weight_prior_type == "dirichlet_process":
+        tail = jnp.concatenate([jnp.cumsum(nk[::-1])[-2::-1], jnp.zeros((1,), dtype)])
+        wc = jnp.stack([1.0 + nk, alpha0 + tail])
+    else:
+        wc = alpha0 + nk
+    # Rounding can push S a hair above N; keep b > b0 - tiny.
+    return VBBernoulliPosterior(wc, a0 + sk, b0 + jnp.maximum(nk[:, None] - sk, 0.0))
+
+
+def bernoulli_elbo(
+    post: VBBernoulliPosterior,
+    resp: Float[Array, "n k"],
+    x: Float[Array, "n d"],
+    prior: VBBernoulliPrior,
+    *,
+    weight_prior_type: str,
+) -> Float[Array, ""]:
+    r"""The exact ELBO (summed over images) for any responsibilities and any posterior:
+
+    .. math::
+        \sum_{ij} r_{ij}(\text{logit}_{ij} - \log r_{ij}) + E[\log p(\pi)] - E[\log q(\pi)]
+        + \sum_{jc} \Big(\log\frac{B(a_{jc}, b_{jc})}{B(a_0, b_0)}
+        + (a_0 - a_{jc}) E[\log\mu_{jc}] + (b_0 - b_{jc}) E[\log(1-\mu_{jc})]\Big).
+    """
+    dtype = post.a.dtype
+    alpha0, a0, b0 = (jnp.asarray(v, dtype) for v in prior)
+    lj = bernoulli_expected_log_joint(post, x, weight_prior_type=weight_prior_type)
+    local = jnp.sum(resp * lj) - jnp.sum(xlogy(resp, resp))
+    ds = digamma(post.a + post.b)
+    e_log_mu, e_log_1mmu = digamma(post.a) - ds, digamma(post.b) - ds
+    beta_term = jnp.sum(
+        betaln(post.a, post.b)
+        - betaln(a0, b0)
+        + (a0 - post.a) * e_log_mu
+        + (b0 - post.b) * e_log_1mmu
+    )
+    return (
+        local + beta_term + _weights_elbo_term(post.weight_concentration, alpha0, weight_prior_type)
+    )
+
+
+def _weights_elbo_term(wc: Array, alpha0: Array, weight_prior_type: str) -> Array:
+    """:math:`E[\\log p(\\pi)] - E[\\log q(\\pi)]` (Dirichlet, or the k sticks)."""
+    if weight_prior_type == "dirichlet_process":
+        a, b = wc[0], wc[1]
+        ds = digamma(a + b)
+        e_log_v, e_log_1mv = digamma(a) - ds, digamma(b) - ds
+        log_p = -betaln(jnp.ones_like(a), alpha0) + (alpha0 - 1.0) * e_log_1mv
+        log_q = -betaln(a, b) + (a - 1.0) * e_log_v + (b - 1.0) * e_log_1mv
+        return jnp.sum(log_p - log_q)
+    k = wc.shape[0]
+    elog = digamma(wc) - digamma(jnp.sum(wc))
+    log_c = gammaln(jnp.sum(wc)) - jnp.sum(gammaln(wc))
+    log_c0 = gammaln(k * alpha0) - k * gammaln(alpha0)
+    return log_c0 - log_c + jnp.sum((alpha0 - wc) * elog)
+
+
+def bernoulli_posterior_from_resp(
+    resp: Float[Array, "n k"],
+    x: Float[Array, "n d"],
+    prior: VBBernoulliPrior,
+    *,
+    weight_prior_type: str,
+) -> VBBernoulliPosterior:
+    """One global step from given responsibilities."""
+    stats = bmix.expected_stats(resp, x, jnp.ones(x.shape[0], x.dtype))
+    return bernoulli_global_step(stats, prior, weight_prior_type=weight_prior_type)
+
+
+class VBBernoulliState(NamedTuple):
+    """Loop state of :func:`bernoulli_vb_step`."""
+
+    posterior: VBBernoulliPosterior
+    elbo: Float[Array, ""]
+    iteration: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def bernoulli_vb_init(post: VBBernoulliPosterior) -> VBBernoulliState:
+    """The state before the first iteration."""
+    return VBBernoulliState(
+        post, jnp.array(-jnp.inf, post.a.dtype), jnp.array(0, jnp.int32), jnp.array(False)
+    )
+
+
+def bernoulli_vb_step(
+    state: VBBernoulliState,
+    x: Float[Array, "n d"],
+    prior: VBBernoulliPrior,
+    *,
+    tol: float | Array = 0.0,
+    weight_prior_type: str,
+) -> tuple[VBBernoulliState, VBInfo]:
+    """Local step, global step, then the exact ELBO of the pair; ``converged`` when it
+    changed by less than ``tol``."""
+    lj = bernoulli_expected_log_joint(state.posterior, x, weight_prior_type=weight_prior_type)
+    resp = jax.nn.softmax(lj, axis=1)
+    new = bernoulli_posterior_from_resp(resp, x, prior, weight_prior_type=weight_prior_type)
+    value = bernoulli_elbo(new, resp, x, prior, weight_prior_type=weight_prior_type)
+    change = value - state.elbo
+    new_state = VBBernoulliState(new, value, state.iteration + 1, jnp.abs(change) < tol)
+    return new_state, VBInfo(value, change, jnp.mean(jax.nn.logsumexp(lj, axis=1)))
+
+
+@functools.partial(jax.jit, static_argnames=("weight_prior_type", "max_iter"))
+def bernoulli_fit_from_resp(
+    resp: Float[Array, "n k"],
+    x: Float[Array, "n d"],
+    prior: VBBernoulliPrior,
+    *,
+    weight_prior_type: str = "dirichlet_distribution",
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+) -> VBBernoulliFit:
+    """CAVI for the Bernoulli mixture from initial responsibilities, on device
+    (``lax.while_loop``; stop once the ELBO changes by less than ``tol``)."""
+    post0 = bernoulli_posterior_from_resp(
+        resp.astype(x.dtype), x, prior, weight_prior_type=weight_prior_type
+    )
+    history0 = jnp.full((max_iter,), jnp.nan, x.dtype)
+    tol = jnp.asarray(tol, x.dtype)
+
+    def cond(carry):
+        state, _ = carry
+        return (state.iteration < max_iter) & ~state.converged
+
+    def body(carry):
+        state, history = carry
+        new, info = bernoulli_vb_step(state, x, prior, tol=tol, weight_prior_type=weight_prior_type)
+        return new, history.at[state.iteration].set(info.lower_bound)
+
+    state, history = lax.while_loop(cond, body, (bernoulli_vb_init(post0), history0))
+    return VBBernoulliFit(state.posterior, state.elbo, history, state.iteration, state.converged)
+
+
+def bernoulli_mixture_weights(
+    post: VBBernoulliPosterior, *, weight_prior_type: str
+) -> Float[Array, " k"]:
+    """Posterior-mean weights (as :func:`mixture_weights`)."""
+    return mixture_weights(_as_dirichlet_like(post), weight_prior_type=weight_prior_type)
+
+
+def bernoulli_to_params(
+    post: VBBernoulliPosterior, *, weight_prior_type: str
+) -> bmix.BernoulliMixtureParams:
+    """The posterior-mean mixture (weights and :math:`a / (a + b)`), for
+    :func:`emvi.bernoulli_mixture.log_prob` (a point estimate; the exact posterior
+    predictive of one image is the same, since each pixel enters once)."""
+    return bmix.BernoulliMixtureParams(
+        bernoulli_mixture_weights(post, weight_prior_type=weight_prior_type),
+        post.a / (post.a + post.b),
+    )
+
+
+def fit_bernoulli(
+    key: Key[Array, ""],
+    x: ArrayLike,
+    num_components: int,
+    *,
+    weight_concentration_prior_type: str = "dirichlet_distribution",
+    alpha: float = 1.0,
+    a: float = 1.0,
+    b: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+) -> VBBernoulliFit:
+    r"""Fits a Bayesian Bernoulli mixture by CAVI (random Dirichlet(1) initial
+    responsibilities), validating the inputs eagerly. The MAP-EM counterpart is
+    :func:`emvi.bernoulli_mixture.fit` with the same ``alpha``, ``a``, ``b``.
+
+    Raises:
+      ValueError: for data outside [0, 1], NaN, ``num_components`` outside [1, n], or a
+        concentration ``alpha``, ``a``, ``b`` that is not > 0.
+
+    Example:
+      >>> x = (jax.random.uniform(jax.random.key(0), (40, 6)) < 0.5).astype(jnp.float32)
+      >>> res = fit_bernoulli(jax.random.key(1), x, 3, a=2.0, b=2.0)
+      >>> res.posterior.a.shape
+      (3, 6)
+    """
+    wpt = check_choice(
+        weight_concentration_prior_type,
+        name="weight_concentration_prior_type",
+        choices=WEIGHT_PRIOR_TYPES,
+    )
+    arr = as_data_matrix(x)
+    if arr.min() < 0 or arr.max() > 1:
+        raise ValueError(
+            f"x must hold values in [0, 1] (binary pixels); got values in [{arr.min()}, "
+            f"{arr.max()}]."
+        )
+    n = arr.shape[0]
+    k = check_positive_int(num_components, name="num_components")
+    if k > n:
+        raise ValueError(f"num_components must be <= the number of points ({n}); got {k}.")
+    max_iter, tol, _, _ = check_em_settings(max_iter=max_iter, tol=tol, num_init=1, chunk_size=None)
+    for name, value in (("alpha", alpha), ("a", a), ("b", b)):
+        check_positive(value, name=name)
+    dtype = arr.dtype
+    prior = VBBernoulliPrior(*(jnp.asarray(v, dtype) for v in (alpha, a, b)))
+    e = jax.random.exponential(key, (n, k), dtype)
+    resp = e / jnp.sum(e, axis=1, keepdims=True)
+    return bernoulli_fit_from_resp(
+        resp,
+        jnp.asarray(arr),
+        prior,
+        weight_prior_type=wpt,
+        max_iter=max_iter,
+        tol=jnp.asarray(tol, dtype),
+    )
