@@ -118,9 +118,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.scipy.linalg import solve_triangular
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
+from jaxtyping import Array, ArrayLike, Float, Int, Key
 
 from emvi import em
 from emvi._checks import (
@@ -208,25 +207,9 @@ class GMMData(NamedTuple):
     features: Float[Array, "n q"]
 
 
-class GMMFit(NamedTuple):
-    """What :func:`fit` and :func:`fit_from_params` return.
-
-    Attributes:
-      params: fitted parameters, in the coordinates of the input data.
-      log_likelihood: mean (weighted) log-likelihood per point at ``params``.
-      history: (t,) mean log-likelihood at the start of each iteration (NaN after
-        ``num_iter``); ``history[num_iter - 1]`` is scikit-learn's ``lower_bound_``.
-      num_iter: iterations run.
-      converged: whether the change in mean log-likelihood fell below ``tol``.
-      restart_log_likelihoods: (r,) final mean log-likelihood of every restart.
-    """
-
-    params: GMMParams
-    log_likelihood: Float[Array, ""]
-    history: Float[Array, " t"]
-    num_iter: Int[Array, ""]
-    converged: Bool[Array, ""]
-    restart_log_likelihoods: Float[Array, " r"]
+GMMFit = em.FitResult
+"""What :func:`fit` and :func:`fit_from_params` return: the one result type,
+:class:`emvi.em.FitResult` (``params`` in the coordinates of the input data)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,6 +300,26 @@ def _check_type(covariance_type: str) -> str:
     return check_choice(covariance_type, name="covariance_type", choices=COVARIANCE_TYPES)
 
 
+def _check_points(params: GMMParams, x: Array) -> None:
+    """Raises ``ValueError`` when ``x`` does not match ``params``.
+
+    The shape check reads static shapes, so it runs once at trace time and costs nothing
+    under ``jit``; the NaN check runs only when ``x`` is concrete (an eager call).
+    """
+    d = params.means.shape[-1]
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(
+            f"x must have shape (num_points, {d}) to match params.means of shape "
+            f"{params.means.shape}; got {x.shape}."
+        )
+    if not isinstance(x, jax.core.Tracer):
+        bad = np.isnan(np.asarray(x)).any(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            shown = ", ".join(str(r) for r in rows[:5]) + (" ..." if rows.size > 5 else "")
+            raise ValueError(f"x contains NaN in row(s) {shown}; remove or impute them first.")
+
+
 def log_joint(
     params: GMMParams, x: Float[Array, "n d"], *, covariance_type: str
 ) -> Float[Array, "n k"]:
@@ -336,12 +339,17 @@ def log_joint(
     Returns:
       Shape (n, k), in the dtype of ``x``.
 
+    Raises:
+      ValueError: if ``x`` has a column count other than the means' d (at trace time, so
+        also under ``jit``) or, in an eager call, NaN in any row.
+
     Example:
       >>> p = GMMParams(jnp.array([1.0]), jnp.zeros((1, 1)), jnp.ones((1,)))
       >>> float(log_joint(p, jnp.zeros((1, 1)), covariance_type="spherical")[0, 0])
       -0.918...
     """
     _check_type(covariance_type)
+    _check_points(params, x)
     lw = jnp.log(params.weights)
     return lw[None, :] + _log_gaussians(params, x, covariance_type)
 
@@ -349,7 +357,9 @@ def log_joint(
 def log_prob(
     params: GMMParams, x: Float[Array, "n d"], *, covariance_type: str
 ) -> Float[Array, " n"]:
-    r"""Log marginal density :math:`\log p(x_i) = \operatorname{logsumexp}_j \log p(x_i, j)`."""
+    r"""Log marginal density :math:`\log p(x_i) = \operatorname{logsumexp}_j \log p(x_i, j)`.
+
+    Validates ``x`` as :func:`log_joint` does."""
     return jax.nn.logsumexp(log_joint(params, x, covariance_type=covariance_type), axis=1)
 
 
@@ -366,21 +376,27 @@ def predict(params: GMMParams, x: Float[Array, "n d"], *, covariance_type: str) 
 
 
 def sample(
-    key: Key[Array, ""], params: GMMParams, n: int, *, covariance_type: str
-) -> tuple[Float[Array, "n d"], Int[Array, " n"]]:
-    r"""Draws ``n`` points: :math:`z_i \sim \mathrm{Cat}(\pi)`, :math:`x_i = \mu_{z_i} +
-    L_{z_i} \varepsilon_i`, :math:`\varepsilon_i \sim \mathcal N(0, I)`.
+    key: Key[Array, ""], params: GMMParams, num_samples: int, *, covariance_type: str
+) -> tuple[Float[Array, "s d"], Int[Array, " s"]]:
+    r"""Draws ``num_samples`` points: :math:`z_i \sim \mathrm{Cat}(\pi)`,
+    :math:`x_i = \mu_{z_i} + L_{z_i} \varepsilon_i`, :math:`\varepsilon_i \sim \mathcal N(0, I)`.
 
     Returns:
-      ``(x, z)`` with x (n, d) in the dtype of the means and z (n,) the component labels
+      ``(x, z)`` with x (s, d) in the dtype of the means and z (s,) the component labels
       (in random order, unlike scikit-learn's sorted ``sample``).
+
+    Example:
+      >>> p = GMMParams(jnp.array([0.5, 0.5]), jnp.array([[0.0], [9.0]]), jnp.ones(2))
+      >>> x, z = sample(jax.random.key(0), p, 3, covariance_type="spherical")
+      >>> x.shape, z.shape
+      ((3, 1), (3,))
     """
     _check_type(covariance_type)
-    n = check_positive_int(n, name="n")
+    num_samples = check_positive_int(num_samples, name="num_samples")
     key_z, key_x = jax.random.split(key)
     means = params.means
-    z = jax.random.categorical(key_z, jnp.log(params.weights), shape=(n,))
-    eps = jax.random.normal(key_x, (n, means.shape[1]), means.dtype)
+    z = jax.random.categorical(key_z, jnp.log(params.weights), shape=(num_samples,))
+    eps = jax.random.normal(key_x, (num_samples, means.shape[1]), means.dtype)
     cov = params.covariances
     if covariance_type == "full":
         chol = jnp.linalg.cholesky(cov)
@@ -639,15 +655,177 @@ def m_step(stats: GMMStats, hyper: GMMHyper | None, *, covariance_type: str) -> 
 
 
 # ---------------------------------------------------------------------------------------
+# The gradient face: parameter bijection, log prior, q bijection
+# ---------------------------------------------------------------------------------------
+
+
+def _softplus_inverse(y: Array) -> Array:
+    """The inverse of softplus for y > 0, :math:`\\log(e^y - 1) = y + \\log(1 - e^{-y})`."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def _diag_matrix(diag: Array) -> Array:
+    """(..., d) -> (..., d, d) diagonal matrices (broadcasting written out)."""
+    shape = (*diag.shape, diag.shape[-1])
+    eye = jnp.broadcast_to(jnp.eye(diag.shape[-1], dtype=diag.dtype), shape)
+    return eye * jnp.broadcast_to(diag[..., None, :], shape)
+
+
+def _chol_to_raw(cov: Array) -> Array:
+    """(..., d, d) SPD matrices -> unconstrained (..., d, d): strictly-lower entries of the
+    Cholesky factor, softplus-inverse of its diagonal on the diagonal, zeros above."""
+    chol = jnp.linalg.cholesky(cov)
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    return jnp.tril(chol, -1) + _diag_matrix(_softplus_inverse(diag))
+
+
+def _raw_to_cov(raw: Array) -> Array:
+    """Inverse of :func:`_chol_to_raw`: :math:`L L^T` with L lower, softplus diagonal (> 0).
+    Entries of ``raw`` above the diagonal are ignored."""
+    diag = jax.nn.softplus(jnp.diagonal(raw, axis1=-2, axis2=-1))
+    chol = jnp.tril(raw, -1) + _diag_matrix(diag)
+    return chol @ jnp.swapaxes(chol, -1, -2)
+
+
+def to_unconstrained(params: GMMParams, *, covariance_type: str) -> GMMParams:
+    r"""Maps parameters to a :class:`GMMParams` of unconstrained real arrays.
+
+    * weights: centred logits :math:`u_\pi = \log\pi - \overline{\log\pi}` (k,);
+    * means: as they are (k, d);
+    * covariances: ``full`` / ``tied``: the Cholesky factor :math:`\Sigma = L L^\top` with
+      :math:`u_{cc} = \mathrm{softplus}^{-1}(L_{cc})` on the diagonal, the strictly lower
+      entries of :math:`L` below it and zeros above (the layout of the covariance);
+      ``diag`` / ``spherical``: :math:`u = \mathrm{softplus}^{-1}(\sigma)` of the standard
+      deviations.
+
+    :func:`from_unconstrained` inverts it, and maps *every* real input to valid parameters
+    (softmax weights, positive definite covariances), so an optimiser may move ``u`` freely.
+
+    Example:
+      >>> p = GMMParams(jnp.array([0.25, 0.75]), jnp.zeros((2, 1)), jnp.array([1.0, 4.0]))
+      >>> u = to_unconstrained(p, covariance_type="spherical")
+      >>> back = from_unconstrained(u, covariance_type="spherical")
+      >>> [round(float(v), 4) for v in back.covariances]
+      [1.0, 4.0]
+    """
+    ct = _check_type(covariance_type)
+    log_w = jnp.log(params.weights)
+    cov = params.covariances
+    if ct in ("full", "tied"):
+        raw = _chol_to_raw(cov)
+    else:
+        raw = _softplus_inverse(jnp.sqrt(cov))
+    return GMMParams(log_w - jnp.mean(log_w), params.means, raw)
+
+
+def from_unconstrained(u: GMMParams, *, covariance_type: str) -> GMMParams:
+    """Inverse of :func:`to_unconstrained`: softmax weights, free means, covariances from the
+    softplus-diagonal Cholesky factor (``full``, ``tied``) or softplus standard deviations."""
+    ct = _check_type(covariance_type)
+    if ct in ("full", "tied"):
+        cov = _raw_to_cov(u.covariances)
+    else:
+        cov = jnp.square(jax.nn.softplus(u.covariances))
+    return GMMParams(jax.nn.softmax(u.weights), u.means, cov)
+
+
+def log_prior(params: GMMParams, hyper: GMMHyper | None, *, covariance_type: str) -> Array:
+    r"""Log density of the MAP prior ``hyper.prior`` at ``params``, up to a constant.
+
+    The prior of the module docstring, written out (:math:`\delta_j = \mu_j - m_0`):
+
+    .. math::
+        \log p(\theta) = \sum_j (\alpha_j - 1) \log \pi_j
+            + \sum_j \big(-\tfrac12 \log\det\Sigma_j - \tfrac{\kappa_0}2
+                \delta_j^\top \Sigma_j^{-1} \delta_j\big)
+            + \sum_j \big(-\tfrac{\nu_0 + d + 1}2 \log\det\Sigma_j
+                - \tfrac12 \operatorname{tr}(\Psi_0 \Sigma_j^{-1})\big)
+
+    for ``full`` (``tied``: one :math:`\Sigma`, so the inverse-Wishart term once and the k
+    normal terms on the shared :math:`\Sigma`); ``diag`` and ``spherical`` put
+    :math:`-(\nu_0/2 + 1)\log\sigma^2 - \psi/(2\sigma^2)` on each variance and the normal
+    terms on the means. The :math:`-\tfrac12\log\det\Sigma_j` of the mean's normal is kept
+    even at :math:`\kappa_0 = 0` (a flat prior on the mean in the limit), exactly as
+    :func:`m_step` keeps it, so that :func:`m_step` is the stationary point of
+    :math:`\sum_i w_i \mathrm{ELBO}_i + \log p(\theta)` (``tests/test_gmm_properties.py``
+    checks it with ``jax.grad``). ``reg_covar`` is not a prior: it is added to the
+    covariances by the closed-form M-step only, and a gradient M-step ignores it.
+
+    Returns 0 when ``hyper`` or ``hyper.prior`` is None (maximum likelihood).
+
+    Args:
+      params: mixture parameters (in the coordinates of the prior's ``mean_prior``).
+      hyper: a :class:`GMMHyper` or None.
+      covariance_type: the covariance type (static).
+
+    Returns:
+      A scalar in the dtype of the means.
+    """
+    ct = _check_type(covariance_type)
+    dtype = params.means.dtype
+    if hyper is None or hyper.prior is None:
+        return jnp.zeros((), dtype)
+    alpha, m0, kappa, psi, nu = (jnp.asarray(a, dtype) for a in hyper.prior)
+    k, d = params.means.shape
+    alpha = jnp.broadcast_to(alpha, (k,))
+    out = jnp.sum((alpha - 1.0) * jnp.log(params.weights))
+    dev = params.means - m0[None, :]
+    cov = params.covariances
+    if ct in ("full", "tied"):
+        inv, logdet = _inv_cholesky(cov)  # inv = L^{-1}
+        if ct == "full":
+            white = jnp.einsum("kij,kj->ki", inv, dev)
+            trace = jnp.einsum("kab,bc,kac->k", inv, psi, inv)  # tr(L^-1 Psi L^-T)
+            out += jnp.sum(-0.5 * logdet - 0.5 * kappa * jnp.sum(white * white, axis=1))
+            out += jnp.sum(-0.5 * (nu + d + 1.0) * logdet - 0.5 * trace)
+        else:
+            white = dev @ inv.T
+            trace = jnp.einsum("ab,bc,ac->", inv, psi, inv)
+            out += jnp.sum(-0.5 * logdet - 0.5 * kappa * jnp.sum(white * white, axis=1))
+            out += -0.5 * (nu + d + 1.0) * logdet - 0.5 * trace
+    elif ct == "diag":
+        out += jnp.sum(-0.5 * jnp.log(cov) - 0.5 * kappa * dev * dev / cov)
+        out += jnp.sum(-(0.5 * nu + 1.0) * jnp.log(cov) - 0.5 * psi[None, :] / cov)
+    else:
+        out += jnp.sum(-0.5 * d * jnp.log(cov) - 0.5 * kappa * jnp.sum(dev * dev, axis=1) / cov)
+        out += jnp.sum(-(0.5 * nu + 1.0) * jnp.log(cov) - 0.5 * psi / cov)
+    return out
+
+
+def q_to_unconstrained(q: Float[Array, "n k"]) -> Float[Array, "n k"]:
+    """Responsibilities -> unconstrained logits, :math:`\\log q` with zeros clipped to the
+    smallest normal number (so every entry is finite); :func:`q_from_unconstrained` inverts
+    it for rows that sum to one."""
+    return jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
+
+
+def q_from_unconstrained(u: Float[Array, "n k"]) -> Float[Array, "n k"]:
+    """Logits -> responsibilities, the softmax over the k components."""
+    return jax.nn.softmax(u, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
 # The ExactModel
 # ---------------------------------------------------------------------------------------
 
 
 @functools.cache
 def model(covariance_type: str) -> em.ExactModel:
-    """The mixture as an :class:`emvi.em.ExactModel` (cached: the same object each call, so
-    jitted drivers do not recompile). ``hyper`` is a :class:`GMMHyper`; ``data`` is
-    :func:`prepare` d; parameters live in the coordinates of that data."""
+    """The mixture as an :class:`emvi.em.ExactModel`, with every field of the protocol.
+
+    Cached: the same object each call, so jitted drivers do not recompile. ``hyper`` is a
+    :class:`GMMHyper`; ``data`` is :func:`prepare` d; parameters live in the coordinates
+    of that data (its ``prepare`` does not centre, because it sees neither the weights nor
+    the parameters: :func:`fit` centres around :func:`emvi.em.fit`). ``q`` is the (n, k)
+    responsibilities; ``elbo`` is differentiable in ``params`` and ``q``. The gradient face
+    is :func:`to_unconstrained`, :func:`from_unconstrained`, :func:`log_prior`,
+    :func:`q_to_unconstrained` and :func:`q_from_unconstrained`.
+
+    Example:
+      >>> mdl = model("diag")
+      >>> mdl is model("diag") and mdl.log_prior is not None
+      True
+    """
     ct = _check_type(covariance_type)
 
     def lj(params, data):
@@ -661,61 +839,22 @@ def model(covariance_type: str) -> em.ExactModel:
         elbo=lambda params, q, data: discrete_elbo(lj(params, data), q),
         prepare=functools.partial(prepare, covariance_type=ct),
         expected_stats=functools.partial(expected_stats, covariance_type=ct),
+        to_unconstrained=functools.partial(to_unconstrained, covariance_type=ct),
+        from_unconstrained=functools.partial(from_unconstrained, covariance_type=ct),
+        log_prior=functools.partial(log_prior, covariance_type=ct),
+        q_to_unconstrained=q_to_unconstrained,
+        q_from_unconstrained=q_from_unconstrained,
     )
 
 
 # ---------------------------------------------------------------------------------------
-# Two-pass reference (test oracle)
-# ---------------------------------------------------------------------------------------
-
-
-def _two_pass_step(
-    params: GMMParams, x: Array, w: Array, hyper: GMMHyper, covariance_type: str
-) -> tuple[GMMParams, Array]:
-    """Textbook EM iteration: whitening E-step, centred-scatter M-step (no packing)."""
-    lj = log_joint(params, x, covariance_type=covariance_type)
-    ll = jnp.sum(w * jax.nn.logsumexp(lj, axis=1)) / jnp.sum(w)
-    resp = jax.nn.softmax(lj, axis=1) * w[:, None]
-    counts = jnp.sum(resp, axis=0)
-    sums = resp.T @ x
-    nk = counts + 10.0 * jnp.finfo(x.dtype).eps
-    diff = x[None, :, :] - (sums / nk[:, None])[:, None, :]  # (k, n, d)
-    if covariance_type in ("full", "tied"):
-        scatter = jnp.einsum("nk,kni,knj->kij", resp, diff, diff)
-        if covariance_type == "tied":
-            scatter = jnp.sum(scatter, axis=0)
-    elif covariance_type == "diag":
-        scatter = jnp.einsum("nk,kni->ki", resp, diff * diff)
-    else:
-        scatter = jnp.einsum("nk,kn->k", resp, jnp.sum(diff * diff, axis=2))
-    return _finish_m_step(counts, sums, scatter, hyper, covariance_type, None), ll
-
-
-def _two_pass_em(
-    params: GMMParams,
-    x: Array,
-    w: Array,
-    hyper: GMMHyper,
-    *,
-    covariance_type: str,
-    num_iter: int,
-) -> tuple[GMMParams, Array]:
-    """``num_iter`` textbook iterations; returns (params, history (num_iter,))."""
-
-    def body(p, _):
-        new, ll = _two_pass_step(p, x, w, hyper, covariance_type)
-        return new, ll
-
-    return lax.scan(body, params, None, length=num_iter)
-
-
-# ---------------------------------------------------------------------------------------
-# Fitting
+# Initialisation
 # ---------------------------------------------------------------------------------------
 
 
 def _shift_params(params: GMMParams, shift: Array) -> GMMParams:
-    return params._replace(means=params.means + shift[None, :])
+    """Moves the means by ``shift`` (d,); works on a batch with leading restart axes."""
+    return params._replace(means=params.means + jnp.broadcast_to(shift, params.means.shape))
 
 
 def _make_hyper(reg_covar, prior: GMMPrior | None, shift: Array, dtype) -> GMMHyper:
@@ -728,77 +867,6 @@ def _make_hyper(reg_covar, prior: GMMPrior | None, shift: Array, dtype) -> GMMHy
 def _centre(x: Array, w: Array) -> tuple[Array, Array]:
     shift = (w @ x) / jnp.sum(w)
     return x - shift[None, :], shift
-
-
-def _fit_from_params(
-    params: GMMParams,
-    x: Float[Array, "n d"],
-    *,
-    covariance_type: str = "full",
-    max_iter: int = 100,
-    tol: float | Array = 1e-3,
-    reg_covar: float | Array = 1e-6,
-    sample_weight: Float[Array, " n"] | None = None,
-    prior: GMMPrior | None = None,
-    chunk_size: int | None = None,
-) -> GMMFit:
-    r"""Runs EM from given parameters: the jittable, vmappable core of :func:`fit`.
-
-    No validation (use :func:`fit` for that). The data are centred on their weighted mean,
-    the parameters (and the prior mean) shifted with them, EM runs on device through
-    :func:`emvi.em.run_em` (packed half-steps), and the result is shifted back. To fit a
-    batch of datasets or of initialisations in one call, ``jax.vmap`` it.
-
-    Args:
-      params: initial :class:`GMMParams` (valid: normalised weights, PD covariances).
-      x: data (n, d).
-      covariance_type: static.
-      max_iter: the most iterations (static).
-      tol: stop when the mean log-likelihood changes by less (0: run ``max_iter``).
-      reg_covar: added to every covariance diagonal.
-      sample_weight: optional (n,) non-negative weights.
-      prior: optional :class:`GMMPrior` for MAP-EM.
-      chunk_size: run the E-step over chunks of this many points (static).
-
-    Returns:
-      A :class:`GMMFit` (``restart_log_likelihoods`` has one entry).
-
-    Example:
-      >>> x = jnp.array([[0.0], [0.2], [5.0], [5.2]])
-      >>> p0 = GMMParams(jnp.array([0.5, 0.5]), jnp.array([[1.0], [4.0]]), jnp.ones(2))
-      >>> res = fit_from_params(p0, x, covariance_type="spherical", max_iter=20)
-      >>> [round(float(m), 2) for m in res.params.means[:, 0]]
-      [0.1, 5.1]
-    """
-    dtype = x.dtype
-    w = jnp.ones(x.shape[0], dtype) if sample_weight is None else sample_weight.astype(dtype)
-    xc, shift = _centre(x, w)
-    params = GMMParams(*(jnp.asarray(a, dtype) for a in params))
-    hyper = _make_hyper(reg_covar, prior, shift, dtype)
-    mdl = model(covariance_type)
-    res = em.run_em(
-        mdl,
-        _shift_params(params, -shift),
-        mdl.prepare(xc),
-        w,
-        max_iter=max_iter,
-        tol=jnp.asarray(tol, dtype),
-        hyper=hyper,
-        chunk_size=chunk_size,
-    )
-    return GMMFit(
-        _shift_params(res.params, shift),
-        res.log_likelihood,
-        res.history,
-        res.num_iter,
-        res.converged,
-        res.log_likelihood[None],
-    )
-
-
-fit_from_params = jax.jit(
-    _fit_from_params, static_argnames=("covariance_type", "max_iter", "chunk_size")
-)
 
 
 def _initial_responsibilities(
@@ -831,45 +899,92 @@ def initial_params(
     covariance_type: str,
     init: str,
 ) -> GMMParams:
-    """Initial parameters from an initial responsibility matrix and one M-step (jittable).
+    """Initial parameters for *centred* data, in its coordinates (jittable).
 
-    ``init`` (static) as in scikit-learn's ``init_params``: ``"kmeans"`` (one-hot labels of
-    a k-means run seeded by k-means++), ``"kmeans++"`` (one-hot on the k-means++ seeds
-    only, so each component starts on one point with covariance ``reg_covar``),
-    ``"random_from_data"`` (one-hot on k distinct points drawn by weight) or ``"random"``
-    (uniform random responsibilities). ``x`` should be centred.
+    The form of :func:`init_params` that takes the weights and a ready :class:`GMMHyper`
+    and does no centring (what experiments that centre their data themselves call).
     """
     resp = _initial_responsibilities(key, x, w, num_components, init)
-    data = prepare(x, covariance_type=covariance_type)
-    stats = _stats_from_resp(resp * w[:, None], data.features, x.shape[1])
+    stats = expected_stats(
+        resp, prepare(x, covariance_type=covariance_type), w, covariance_type=covariance_type
+    )
     return m_step(stats, hyper, covariance_type=covariance_type)
 
 
-@functools.partial(jax.jit, static_argnames=("num_components", "init"))
-def _initial_resp_batch(keys, xc, w, *, num_components, init):
-    """(r, n, k) initial responsibilities, one per key (independent of covariance type)."""
-    return jax.vmap(lambda kk: _initial_responsibilities(kk, xc, w, num_components, init))(keys)
+def init_params(
+    key: Key[Array, ""],
+    x: Float[Array, "n d"],
+    num_components: int,
+    *,
+    covariance_type: str = "full",
+    method: str = "kmeans++",
+    reg_covar: float | Array = 1e-6,
+    sample_weight: Float[Array, " n"] | None = None,
+    prior: GMMPrior | None = None,
+) -> GMMParams:
+    """Initial parameters from initial responsibilities and one M-step (jittable).
 
+    ``method`` as in scikit-learn's ``init_params``: ``"kmeans"`` (one-hot labels of a
+    k-means run seeded by k-means++), ``"kmeans++"`` (one-hot on the k-means++ seeds only,
+    so each component starts on one point with covariance ``reg_covar``),
+    ``"random_from_data"`` (one-hot on k distinct points drawn by weight) or ``"random"``
+    (uniform random responsibilities). The M-step runs on the data centred on their
+    weighted mean (for accuracy; see the module docstring), and the means are shifted back.
+    :func:`fit` makes its ``num_init`` restarts by vmapping this over split keys.
 
-@functools.partial(jax.jit, static_argnames=("covariance_type",))
-def _params_from_resp_batch(resp, xc, w, hyper, *, covariance_type):
-    """One M-step per initial responsibility matrix (leading axis r)."""
-    features = prepare(xc, covariance_type=covariance_type).features
+    Args:
+      key: typed PRNG key.
+      x: data (n, d), in the coordinates the parameters should have.
+      num_components: k (static).
+      covariance_type: the covariance type (static).
+      method: the initialisation (static).
+      reg_covar: added to every covariance diagonal.
+      sample_weight: optional (n,) non-negative point weights.
+      prior: optional :class:`GMMPrior` (the first M-step is then a MAP step).
 
-    def one(r):
-        stats = _stats_from_resp(r * w[:, None], features, xc.shape[1])
-        return m_step(stats, hyper, covariance_type=covariance_type)
+    Returns:
+      One :class:`GMMParams` in the dtype of ``x``.
 
-    return jax.vmap(one)(resp)
-
-
-@functools.partial(jax.jit, static_argnames=("covariance_type", "max_iter", "chunk_size"))
-def _em_restarts(p0, xc, w, tol, hyper, *, covariance_type, max_iter, chunk_size):
-    """All restarts as one vmapped EM program (centred data and parameters)."""
-    mdl = model(covariance_type)
-    return em.run_em_restarts(
-        mdl, p0, mdl.prepare(xc), w, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
+    Example:
+      >>> x = jnp.array([[0.0], [0.1], [5.0], [5.1]])
+      >>> p = init_params(jax.random.key(0), x, 2, covariance_type="diag")
+      >>> p.means.shape, p.covariances.shape
+      ((2, 1), (2, 1))
+    """
+    ct = _check_type(covariance_type)
+    check_choice(method, name="method", choices=INITS)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D with shape (num_points, dim); got shape {x.shape}.")
+    dtype = x.dtype
+    w = jnp.ones(x.shape[0], dtype) if sample_weight is None else sample_weight.astype(dtype)
+    xc, shift = _centre(x, w)
+    hyper = _make_hyper(reg_covar, prior, shift, dtype)
+    p = initial_params(
+        key, xc, w, hyper, num_components=num_components, covariance_type=ct, init=method
     )
+    return _shift_params(p, shift)
+
+
+@functools.partial(jax.jit, static_argnames=("num_components", "covariance_type", "method"))
+def _init_batch(keys, x, w, reg_covar, prior, *, num_components, covariance_type, method):
+    """``init_params`` vmapped over keys: (r, ...) parameters, one restart per key."""
+    return jax.vmap(
+        lambda kk: init_params(
+            kk,
+            x,
+            num_components,
+            covariance_type=covariance_type,
+            method=method,
+            reg_covar=reg_covar,
+            sample_weight=w,
+            prior=prior,
+        )
+    )(keys)
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting: centre, run the one driver (emvi.em.fit), shift back
+# ---------------------------------------------------------------------------------------
 
 
 @jax.jit
@@ -877,56 +992,88 @@ def _centre_jit(x, w):
     return _centre(x, w)
 
 
-def _fit_core(
-    key,
-    x,
-    w,
-    init_params,
-    tol,
-    reg_covar,
-    prior,
-    *,
-    num_components,
-    covariance_type,
-    init,
-    max_iter,
-    num_init,
-    chunk_size,
-):
-    """Centre, initialise (a batch of ``num_init``), run the restarts, shift back.
+def _fit_batch(p0, x, w, tol, reg_covar, prior, *, covariance_type, max_iter, chunk_size):
+    """Centres the data on their weighted mean, shifts the restart batch ``p0`` (leading axis
+    r) and the prior with them, runs :func:`emvi.em.fit` and shifts the result back.
 
-    Three jitted pieces, so the EM program is shared by every ``init`` (and the initial
-    responsibilities by every covariance type) instead of being recompiled for each.
+    The driver does not know about centring (``prepare`` sees neither the weights nor the
+    parameters), so it is done around it here. Jittable and vmappable.
     """
     dtype = x.dtype
     xc, shift = _centre_jit(x, w)
     hyper = _make_hyper(reg_covar, prior, shift, dtype)
-    if init_params is not None:
-        p0 = _shift_params(init_params, -shift)
-        p0 = jax.tree_util.tree_map(lambda a: a[None], p0)
-    else:
-        keys = jax.random.split(key, num_init)
-        resp = _initial_resp_batch(keys, xc, w, num_components=num_components, init=init)
-        p0 = _params_from_resp_batch(resp, xc, w, hyper, covariance_type=covariance_type)
-    best, allr = _em_restarts(
-        p0,
+    res = em.fit(
+        model(covariance_type),
+        _shift_params(p0, -shift),
         xc,
         w,
-        tol,
-        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        hyper=hyper,
+        chunk_size=chunk_size,
+    )
+    return res._replace(params=_shift_params(res.params, shift))
+
+
+def _fit_from_params(
+    params: GMMParams,
+    x: Float[Array, "n d"],
+    *,
+    covariance_type: str = "full",
+    max_iter: int = 100,
+    tol: float | Array = 1e-3,
+    reg_covar: float | Array = 1e-6,
+    sample_weight: Float[Array, " n"] | None = None,
+    prior: GMMPrior | None = None,
+    chunk_size: int | None = None,
+) -> GMMFit:
+    r"""Runs EM from given parameters: the jittable, vmappable core of :func:`fit`.
+
+    No validation (use :func:`fit` for that). The data are centred on their weighted mean,
+    the parameters (and the prior mean) shifted with them, EM runs on device through the
+    one driver :func:`emvi.em.fit` (packed half-steps), and the result is shifted back. To
+    fit a batch of datasets or of initialisations in one call, ``jax.vmap`` it.
+
+    Args:
+      params: initial :class:`GMMParams` (valid: normalised weights, PD covariances).
+      x: data (n, d).
+      covariance_type: static.
+      max_iter: the most iterations (static).
+      tol: stop when the mean log-likelihood changes by less (0: run ``max_iter``).
+      reg_covar: added to every covariance diagonal.
+      sample_weight: optional (n,) non-negative weights.
+      prior: optional :class:`GMMPrior` for MAP-EM.
+      chunk_size: run the E-step over chunks of this many points (static).
+
+    Returns:
+      A :class:`emvi.em.FitResult` (``restart_log_likelihoods`` has one entry).
+
+    Example:
+      >>> x = jnp.array([[0.0], [0.2], [5.0], [5.2]])
+      >>> p0 = GMMParams(jnp.array([0.5, 0.5]), jnp.array([[1.0], [4.0]]), jnp.ones(2))
+      >>> res = fit_from_params(p0, x, covariance_type="spherical", max_iter=20)
+      >>> [round(float(m), 2) for m in res.params.means[:, 0]]
+      [0.1, 5.1]
+    """
+    dtype = x.dtype
+    w = jnp.ones(x.shape[0], dtype) if sample_weight is None else sample_weight.astype(dtype)
+    p0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype)[None], GMMParams(*params))
+    return _fit_batch(
+        p0,
+        x,
+        w,
+        jnp.asarray(tol, dtype),
+        jnp.asarray(reg_covar, dtype),
+        prior,
         covariance_type=covariance_type,
         max_iter=max_iter,
         chunk_size=chunk_size,
     )
-    lls = jnp.broadcast_to(allr.log_likelihood, (num_init,))
-    return GMMFit(
-        _shift_params(best.params, shift),
-        best.log_likelihood,
-        best.history,
-        best.num_iter,
-        best.converged,
-        lls,
-    )
+
+
+fit_from_params = jax.jit(
+    _fit_from_params, static_argnames=("covariance_type", "max_iter", "chunk_size")
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1019,19 +1166,21 @@ def fit(
     *,
     covariance_type: str = "full",
     init: str | GMMParams = "kmeans++",
+    prior: GMMPrior | None = None,
+    sample_weight: ArrayLike | None = None,
     max_iter: int = 100,
     tol: float = 1e-3,
-    reg_covar: float = 1e-6,
     num_init: int = 1,
-    sample_weight: ArrayLike | None = None,
-    prior: GMMPrior | None = None,
     chunk_size: int | None = None,
+    reg_covar: float = 1e-6,
 ) -> GMMFit:
     r"""Fits a Gaussian mixture by EM (or MAP-EM with ``prior``), validating inputs eagerly.
 
-    The ``num_init`` restarts run as one vmapped program on device
-    (:func:`emvi.em.run_em_restarts`) and the one with the highest final log-likelihood is
-    kept. Each iteration is the packed E-step and M-step described in the module docstring.
+    A thin call of the one driver: the ``num_init`` initialisations are :func:`init_params`
+    vmapped over split keys, and :func:`emvi.em.fit` runs them as one vmapped program on
+    device and keeps the best (highest final log-likelihood; with a prior, highest log
+    posterior). The data are centred on their weighted mean around the driver (the packed
+    half-steps of the module docstring want it) and the result is shifted back.
 
     Args:
       key: typed PRNG key (for the initialisation).
@@ -1039,19 +1188,20 @@ def fit(
       num_components: k, 1 <= k <= n.
       covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
       init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"`` (see
-        :func:`initial_params`) or a :class:`GMMParams` to start from (then every restart
+        :func:`init_params`) or a :class:`GMMParams` to start from (then every restart
         would be the same, so one run is made and its value reported for each).
+      prior: optional :class:`GMMPrior` for MAP-EM.
+      sample_weight: optional (n,) non-negative weights, not all zero.
       max_iter: the most EM iterations (>= 1).
       tol: stop when the mean log-likelihood per point changes by less than this (>= 0;
         0 runs exactly ``max_iter`` iterations).
-      reg_covar: non-negative value added to every covariance diagonal.
       num_init: number of restarts (>= 1).
-      sample_weight: optional (n,) non-negative weights, not all zero.
-      prior: optional :class:`GMMPrior` for MAP-EM.
       chunk_size: run the E-step over chunks of this many points to bound memory.
+      reg_covar: non-negative value added to every covariance diagonal (not a prior: see
+        :func:`log_prior`).
 
     Returns:
-      A :class:`GMMFit`.
+      An :class:`emvi.em.FitResult` (also named :data:`GMMFit`).
 
     Raises:
       ValueError: with a sentence saying what is wrong, for non-finite or non-2-D ``x``,
@@ -1080,7 +1230,7 @@ def fit(
     )
     reg_covar = check_nonnegative(reg_covar, name="reg_covar")
     w = check_sample_weight(sample_weight, n)
-    init_params = None
+    start = None
     if isinstance(init, str):
         check_choice(init, name="init", choices=INITS)
     else:
@@ -1095,8 +1245,7 @@ def fit(
                 raise ValueError(
                     f"init has {init_k} components but num_components={num_components}."
                 )
-        init_params = _check_params(init, num_components, d, covariance_type, dtype)
-        init = "params"
+        start = _check_params(init, num_components, d, covariance_type, dtype)
     if prior is not None:
         prior = _check_prior(prior, num_components, d, covariance_type, dtype)
     if reg_covar == 0 and prior is None and not np.any(np.ptp(x_np, axis=0) > 0):
@@ -1106,18 +1255,32 @@ def fit(
         )
     xj = jnp.asarray(x_np)
     wj = jnp.ones(n, dtype) if w is None else jnp.asarray(w, dtype)
-    return _fit_core(
-        key,
+    reg = jnp.asarray(reg_covar, dtype)
+    if start is not None:
+        p0 = jax.tree_util.tree_map(lambda a: a[None], start)
+    else:
+        keys = jax.random.split(key, num_init)
+        p0 = _init_batch(
+            keys,
+            xj,
+            wj,
+            reg,
+            prior,
+            num_components=num_components,
+            covariance_type=covariance_type,
+            method=init,
+        )
+    res = _fit_batch(
+        p0,
         xj,
         wj,
-        init_params,
         jnp.asarray(tol, dtype),
-        jnp.asarray(reg_covar, dtype),
+        reg,
         prior,
-        num_components=num_components,
         covariance_type=covariance_type,
-        init=init,
         max_iter=max_iter,
-        num_init=num_init,
         chunk_size=chunk_size,
+    )
+    return res._replace(
+        restart_log_likelihoods=jnp.broadcast_to(res.restart_log_likelihoods, (num_init,))
     )

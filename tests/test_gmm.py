@@ -22,6 +22,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from emvi import gmm
+from emvi.testing import JIT_VARIANTS, assert_trees_close
+from emvi.testing import variant as variant_fn
 
 TYPES = ("full", "tied", "diag", "spherical")
 PARITY_ITERS = 6
@@ -149,10 +151,13 @@ def test_densities_match_scipy_and_posterior_rows_sum_to_one(rng, ct):
     np.testing.assert_array_equal(
         gmm.predict(p, jnp.asarray(x), covariance_type=ct), expected.argmax(1)
     )
-    # The packed path (what EM uses) gives the same log joint on centred data.
-    data = gmm.prepare(jnp.asarray(x), covariance_type=ct)
-    packed = gmm._log_joint_features(p, data.features, ct)
-    np.testing.assert_allclose(packed, expected, rtol=1e-10)
+    # The packed path (what EM uses) gives the same densities on centred data.
+    mdl = gmm.model(ct)
+    data = mdl.prepare(jnp.asarray(x))
+    np.testing.assert_allclose(
+        mdl.log_prob(p, data), np.logaddexp.reduce(expected, axis=1), rtol=1e-10
+    )
+    np.testing.assert_allclose(mdl.posterior(p, data), post, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("ct", TYPES)
@@ -316,7 +321,7 @@ def test_map_m_step_matches_numpy_formulas(rng, ct):
     resp /= resp.sum(1, keepdims=True)
     w = rng.uniform(0.5, 2.0, n)
     data = gmm.prepare(jnp.asarray(x), covariance_type=ct)
-    stats = gmm._stats_from_resp(jnp.asarray(resp * w[:, None]), data.features, d)
+    stats = gmm.expected_stats(jnp.asarray(resp), data, jnp.asarray(w), covariance_type=ct)
     prior = _prior(ct, d, k)
     hyper = gmm.GMMHyper(jnp.asarray(1e-4), prior)
     got = gmm.m_step(stats, hyper, covariance_type=ct)
@@ -479,3 +484,140 @@ def test_as_many_components_as_points_and_an_empty_component(ct):
     res = gmm.fit(jax.random.key(0), x, 3, covariance_type=ct, init=far, max_iter=MAX_ITER)
     _assert_proper(res, ct)
     assert float(res.params.weights[1]) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------
+# The one protocol: every field, bijections, log prior, init_params, the driver
+# ---------------------------------------------------------------------------------------
+
+
+def test_model_fills_every_field_and_fit_returns_the_one_result_type():
+    from emvi import em
+
+    for ct in TYPES:
+        mdl = gmm.model(ct)
+        missing = [f for f in em.ExactModel._fields if getattr(mdl, f) is None]
+        assert not missing, (ct, missing)
+    res = gmm.fit(jax.random.key(0), _blobs(), 3, max_iter=MAX_ITER)
+    assert isinstance(res, em.FitResult) and gmm.GMMFit is em.FitResult
+
+
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
+@pytest.mark.parametrize("ct", TYPES)
+def test_parameter_bijection_round_trips_and_maps_every_real_to_valid_params(rng, ct, variant):
+    # Round trips cost a Cholesky factorisation and its product (backward stable: relative
+    # error ~ d eps cond(Sigma), cond < 20 here) plus softplus and its inverse (a few eps):
+    # 1e-12 relative leaves a margin of ~100 over float64's 2e-16 * 4 * 20.
+    to_u = variant_fn(variant, gmm.to_unconstrained, static_argnames=("covariance_type",))
+    from_u = variant_fn(variant, gmm.from_unconstrained, static_argnames=("covariance_type",))
+    p = _random_params(rng, 3, 4, ct)
+    assert_trees_close(
+        from_u(to_u(p, covariance_type=ct), covariance_type=ct), p, rtol=1e-12, scaled=True
+    )
+    # The other way: centred logits, free means, lower-triangular raw factors.
+    u = to_u(_random_params(np.random.default_rng(1), 3, 4, ct), covariance_type=ct)
+    noise = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(np.random.default_rng(2).normal(size=a.shape)), u
+    )
+    v = gmm.GMMParams(
+        noise.weights - jnp.mean(noise.weights),
+        noise.means,
+        jnp.tril(noise.covariances) if ct in ("full", "tied") else noise.covariances,
+    )
+    q = from_u(v, covariance_type=ct)
+    np.testing.assert_allclose(float(jnp.sum(q.weights)), 1.0, atol=1e-15)
+    if ct in ("full", "tied"):
+        np.linalg.cholesky(np.asarray(q.covariances))  # raises unless positive definite
+    else:
+        assert np.all(np.asarray(q.covariances) > 0)
+    assert_trees_close(to_u(q, covariance_type=ct), v, rtol=1e-12, scaled=True)
+
+
+def _scipy_log_prior(p, prior, ct):
+    """The GMMPrior's density with SciPy's distributions (normalising constants included)."""
+    from scipy.stats import dirichlet, invgamma, invwishart, norm
+
+    alpha, m0, kappa, psi, nu = (np.asarray(a, np.float64) for a in prior)
+    w, m, c = (np.asarray(a, np.float64) for a in p)
+    kappa, nu = float(kappa), float(nu)
+    k, d = m.shape
+    out = dirichlet(np.broadcast_to(alpha, (k,))).logpdf(w)
+    for j in range(k):
+        if ct in ("full", "tied"):
+            cj = c[j] if ct == "full" else c
+            out += multivariate_normal(m0, cj / kappa).logpdf(m[j])
+            if ct == "full":
+                out += invwishart(df=nu, scale=psi).logpdf(cj)
+        elif ct == "diag":
+            out += np.sum(norm(m0, np.sqrt(c[j] / kappa)).logpdf(m[j]))
+            out += np.sum(invgamma(nu / 2, scale=psi / 2).logpdf(c[j]))
+        else:
+            out += multivariate_normal(m0, c[j] / kappa * np.eye(d)).logpdf(m[j])
+            out += invgamma(nu / 2, scale=psi / 2).logpdf(c[j])
+    if ct == "tied":
+        out += invwishart(df=nu, scale=psi).logpdf(c)
+    return out
+
+
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
+@pytest.mark.parametrize("ct", TYPES)
+def test_log_prior_is_the_gmm_prior_density_up_to_a_constant(ct, variant):
+    # Differences between two parameter settings cancel the constants; both sides sum ~10
+    # log-density terms of size ~10 in float64, so 1e-10 relative to their spread is ample.
+    k, d = 3, 4
+    prior = _prior(ct, d, k)
+    lp = variant_fn(variant, gmm.log_prior, static_argnames=("covariance_type",))
+    hyper = gmm.GMMHyper(jnp.asarray(1e-6), prior)
+    a = _random_params(np.random.default_rng(5), k, d, ct)
+    b = _random_params(np.random.default_rng(6), k, d, ct)
+    got = float(lp(a, hyper, covariance_type=ct) - lp(b, hyper, covariance_type=ct))
+    want = _scipy_log_prior(a, prior, ct) - _scipy_log_prior(b, prior, ct)
+    assert abs(want) > 1.0  # the settings differ, so the check has teeth
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # No prior: a flat log prior (maximum likelihood).
+    assert float(lp(a, gmm.GMMHyper(jnp.asarray(1e-6)), covariance_type=ct)) == 0.0
+
+
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
+def test_q_bijection_round_trips_and_is_finite_at_zero(rng, variant):
+    to_u = variant_fn(variant, gmm.q_to_unconstrained)
+    from_u = variant_fn(variant, gmm.q_from_unconstrained)
+    q = rng.dirichlet(np.ones(4), 10)
+    q[0] = [1.0, 0.0, 0.0, 0.0]
+    u = to_u(jnp.asarray(q))
+    assert np.all(np.isfinite(np.asarray(u)))
+    # softmax(log q) = q / sum(q): a few eps per entry; the zero entries come back as
+    # tiny / 1 ~ 2e-308.
+    np.testing.assert_allclose(from_u(u), q, rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
+@pytest.mark.parametrize("fn", ["log_joint", "log_prob", "posterior", "predict", "bic", "aic"])
+def test_scoring_checks_the_column_count_and_nan_rows(fn, variant):
+    f = variant_fn(variant, getattr(gmm, fn), static_argnames=("covariance_type",))
+    p = _start(_blobs(), "diag")
+    with pytest.raises(ValueError, match="shape"):  # at trace time, so also under jit
+        f(p, jnp.zeros((5, 2)), covariance_type="diag")
+    x = jnp.asarray(_blobs(n=6)).at[4, 1].set(jnp.nan)
+    if variant == "no_jit":
+        with pytest.raises(ValueError, match=r"NaN in row\(s\) 4"):
+            f(p, x, covariance_type="diag")
+
+
+def test_fit_restarts_are_init_params_vmapped_over_split_keys():
+    # fit's restart batch must be init_params of each split key; each restart then is the
+    # same EM recursion as a single fit from those parameters, differing only by the
+    # rounding of batched vs unbatched matmuls (~1e-16 per iteration, not amplified by a
+    # contracting EM map): 1e-10 relative.
+    x = _blobs(11)
+    key = jax.random.key(3)
+    res = gmm.fit(key, x, 3, num_init=3, init="kmeans", max_iter=MAX_ITER, tol=1e-8)
+    xj = jnp.asarray(x)
+    for i, kk in enumerate(jax.random.split(key, 3)):
+        p0 = gmm.init_params(kk, xj, 3, method="kmeans")
+        single = gmm.fit_from_params(p0, xj, max_iter=MAX_ITER, tol=1e-8)
+        np.testing.assert_allclose(
+            res.restart_log_likelihoods[i], single.log_likelihood, rtol=1e-10
+        )
+    # The best restart is what fit returns.
+    assert float(res.log_likelihood) == float(jnp.max(res.restart_log_likelihoods))

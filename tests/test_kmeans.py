@@ -109,11 +109,15 @@ def test_kmeans_is_the_hard_assignment_limit_of_isotropic_gmm_em():
     assert errors[-1] <= 2 * np.exp(-gap / (2 * 0.01)) and errors[-1] < 1e-3
     # One GMM M-step with the hard responsibilities is one Lloyd step (the means part).
     data = gmm.prepare(xj, covariance_type="spherical")
-    stats = gmm._stats_from_resp(jnp.asarray(onehot), data.features, 2)
+    stats = gmm.expected_stats(
+        jnp.asarray(onehot), data, jnp.ones(x.shape[0]), covariance_type="spherical"
+    )
     means = gmm.m_step(stats, gmm.GMMHyper(jnp.asarray(0.0)), covariance_type="spherical").means
     step = km.lloyd(centres, xj, jnp.ones(x.shape[0]), max_iter=1)
     np.testing.assert_allclose(means, step.centers, rtol=1e-12)
     # ... and with the soft responsibilities at the smallest sigma it agrees to that error.
-    stats = gmm._stats_from_resp(jnp.asarray(r), data.features, 2)
+    stats = gmm.expected_stats(
+        jnp.asarray(r), data, jnp.ones(x.shape[0]), covariance_type="spherical"
+    )
     means = gmm.m_step(stats, gmm.GMMHyper(jnp.asarray(0.0)), covariance_type="spherical").means
     np.testing.assert_allclose(means, step.centers, atol=100 * errors[-1])
