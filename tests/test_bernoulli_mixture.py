@@ -16,8 +16,9 @@ Tolerances (float64 throughout unless a test says otherwise; eps = 2.2e-16):
 * float32 against float64: 1e-3 nats per example (float32 rounding over ~50 iterations of
   a dozen pixels).
 
-The core maths runs both jitted and eagerly (the ``variant`` parametrisation, chex's
-``with_jit`` / ``without_jit`` in pytest form); eager calls also run the input checks.
+The core maths runs both jitted and op by op (the ``variant`` fixture over
+``emvi.testing.JIT_VARIANTS``, chex's ``with_jit`` / ``without_jit`` in pytest form); eager
+calls also run the input checks. Trees are compared with ``emvi.testing.assert_trees_close``.
 """
 
 import itertools
@@ -32,12 +33,14 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from emvi import bernoulli_mixture as bm
-from emvi import em
+from emvi import em, testing
 
-# jit vs no-jit: every test taking ``variant`` runs once with each.
-VARIANTS = pytest.mark.parametrize(
-    "variant", [pytest.param(jax.jit, id="jit"), pytest.param(lambda f: f, id="eager")]
-)
+
+@pytest.fixture(params=testing.JIT_VARIANTS)
+def variant(request):
+    """Every test taking ``variant`` runs twice: ``variant(fn)`` jitted, then op by op."""
+    return lambda fn: testing.variant(request.param, fn)
+
 
 # Jitted once per module for tests that are not about jit itself.
 _log_prob = jax.jit(bm.log_prob)
@@ -84,7 +87,6 @@ def _np_log_joint(params, x):
 # --------------------------------------------------------------------------------------
 
 
-@VARIANTS
 def test_log_prob_matches_enumeration_and_normalises_over_all_binary_images(rng, variant):
     k, d = 3, 6
     params = _random_params(rng, k, d)
@@ -95,7 +97,6 @@ def test_log_prob_matches_enumeration_and_normalises_over_all_binary_images(rng,
     np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-12)
 
 
-@VARIANTS
 def test_fractional_x_gives_the_cross_entropy_likelihood(rng, variant):
     """x in [0, 1] enters the same formula: prod_j mu^x (1 - mu)^(1 - x) per component."""
     params = _random_params(rng, 3, 5)
@@ -135,18 +136,18 @@ def test_sample_pixel_frequencies_match_the_mixture_mean(rng):
     assert np.all(np.abs(freq - w) < 5 * np.sqrt(w * (1 - w) / m))
 
 
-@pytest.mark.parametrize("variant", [jax.jit])  # eagerly, dtype rules are the same
-def test_float32_in_float32_out(rng, variant):
-    """Strict dtype promotion is on: any float64 constant mixed in would raise."""
+def test_float32_in_float32_out(rng):
+    """Strict dtype promotion is on: any float64 constant mixed in would raise
+    (jitted only: op by op the dtype rules are the same)."""
     params = jax.tree.map(lambda v: v.astype(jnp.float32), _random_params(rng, 3, 6))
     x = jnp.asarray(_planted_data(0, n=10, d=6), jnp.float32)
     w = jnp.ones(10, jnp.float32)
-    stats, ll = variant(bm.e_step)(params, x, w)
-    new = variant(bm.m_step)(stats, bm.BernoulliMixturePrior(1.0, 1.2, 1.2))
-    u = variant(bm.to_unconstrained)(new)
-    q = variant(bm.posterior)(params, x)
+    stats, ll = jax.jit(bm.e_step)(params, x, w)
+    new = jax.jit(bm.m_step)(stats, bm.BernoulliMixturePrior(1.0, 1.2, 1.2))
+    u = jax.jit(bm.to_unconstrained)(new)
+    q = jax.jit(bm.posterior)(params, x)
     outs = [ll, *stats, *new, *u, *bm.from_unconstrained(u), q, bm.q_to_unconstrained(q)]
-    outs += [variant(bm.elbo)(params, q, x), variant(bm.log_prior)(params, MAP)]
+    outs += [jax.jit(bm.elbo)(params, q, x), jax.jit(bm.log_prior)(params, MAP)]
     assert all(o.dtype == jnp.float32 for o in outs)
 
 
@@ -170,7 +171,6 @@ _NAMES = ["log_joint", "log_prob", "posterior", "elbo", "e_step"]
 _P2 = bm.BernoulliMixtureParams(jnp.array([0.5, 0.5]), jnp.full((2, 3), 0.5))
 
 
-@VARIANTS
 @pytest.mark.parametrize("name", _NAMES)
 def test_wrong_column_count_raises_value_error_even_under_jit(name, variant):
     x = jnp.zeros((4, 5))  # the params have 3 pixels
@@ -191,7 +191,6 @@ def test_eager_scoring_rejects_non_finite_rows(name, bad):
 # --------------------------------------------------------------------------------------
 
 
-@VARIANTS
 def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng, variant):
     params = _random_params(rng, 4, 10)
     x = jnp.asarray(_planted_data(1, n=30, d=10))
@@ -206,7 +205,6 @@ def test_elbo_touches_at_posterior_and_gap_is_categorical_kl(rng, variant):
     assert np.all(gap > 0)
 
 
-@VARIANTS
 def test_elbo_gradients_in_q_and_params_match_their_closed_forms(rng, variant):
     """d/dq_ik = log p(x_i, k) - log q_ik - 1; d/dpi_k = N_k / pi_k;
     d/dmu_kj = sum_i q_ik (x_ij / mu_kj - (1 - x_ij) / (1 - mu_kj))."""
@@ -237,7 +235,6 @@ def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m():
 # --------------------------------------------------------------------------------------
 
 
-@VARIANTS
 @pytest.mark.parametrize("prior", [None, FLAT, MAP, bm.BernoulliMixturePrior(3.5, 1.0, 1.5)])
 def test_m_step_matches_numpy_map_formulas(rng, prior, variant):
     k, d = 4, 7
@@ -247,7 +244,7 @@ def test_m_step_matches_numpy_map_formulas(rng, prior, variant):
     alpha, a, b = (1.0, 1.0, 1.0) if prior is None else prior
     w = (nk + alpha - 1) / (nk.sum() + k * (alpha - 1))
     p = (sk + a - 1) / (nk[:, None] + a + b - 2)
-    chex.assert_trees_all_close(out, bm.BernoulliMixtureParams(w, p), rtol=1e-13)
+    testing.assert_trees_close(out, bm.BernoulliMixtureParams(w, p), rtol=1e-13)
 
 
 def test_log_prior_differences_match_scipy_densities(rng):
@@ -314,24 +311,22 @@ def test_model_fills_every_field_of_the_protocol():
     assert model is bm.model()  # cached: one static argument, one compile
 
 
-@VARIANTS
 def test_parameter_bijection_round_trips(rng, variant):
     params = _random_params(rng, 4, 6)
     to_u, from_u = variant(bm.to_unconstrained), variant(bm.from_unconstrained)
     u = to_u(params)
     # Centred weight logits; every real u is valid.
     np.testing.assert_allclose(jnp.sum(u.weights), 0.0, atol=1e-14)
-    chex.assert_trees_all_close(from_u(u), params, rtol=1e-14)
+    testing.assert_trees_close(from_u(u), params, rtol=1e-14)
     # The other way, from centred logits with |u| <= 4: logit(sigmoid(t)) amplifies
     # sigmoid's relative rounding by 1 / (1 - mu) <= 56, hence atol 1e-12.
     raw = rng.uniform(-4, 4, 4)
     v = bm.BernoulliMixtureParams(
         jnp.asarray(raw - raw.mean()), jnp.asarray(rng.uniform(-4, 4, (4, 6)))
     )
-    chex.assert_trees_all_close(to_u(from_u(v)), v, atol=1e-12)
+    testing.assert_trees_close(to_u(from_u(v)), v, rtol=0.0, atol=1e-12)
 
 
-@VARIANTS
 def test_bijections_are_finite_at_zero_and_one(variant):
     """Maximum likelihood gives weights of 0 and probabilities of 0 or 1: their logits are
     clipped at log(tiny) (about -708), finite, and map back to within tiny of the value."""
@@ -345,14 +340,13 @@ def test_bijections_are_finite_at_zero_and_one(variant):
     # carry absolute rounding of eps * max|u|, which softmax turns into relative error.
     rtol = 10 * EPS * float(jnp.max(jnp.abs(u.weights)))
     back = variant(bm.from_unconstrained)(u)
-    chex.assert_trees_all_close(back, params, atol=2 * tiny, rtol=rtol)
+    testing.assert_trees_close(back, params, atol=2 * tiny, rtol=rtol)
     q = jnp.array([[1.0, 0.0], [0.25, 0.75]])
     uq = variant(bm.q_to_unconstrained)(q)
     assert np.all(np.isfinite(np.asarray(uq)))
     np.testing.assert_allclose(variant(bm.q_from_unconstrained)(uq), q, rtol=1e-15, atol=2 * tiny)
 
 
-@VARIANTS
 def test_q_bijection_round_trips(rng, variant):
     q = jnp.asarray(rng.dirichlet(np.ones(5), size=7))
     back = variant(bm.q_from_unconstrained)(variant(bm.q_to_unconstrained)(q))
@@ -405,7 +399,7 @@ def test_flat_prior_em_matches_an_independent_numpy_em():
         r /= r.sum(1, keepdims=True)
         nk = r.sum(0)
         w, p = nk / nk.sum(), (r.T @ x) / nk[:, None]
-    chex.assert_trees_all_close(res.params, bm.BernoulliMixtureParams(w, p), rtol=1e-10)
+    testing.assert_trees_close(res.params, bm.BernoulliMixtureParams(w, p), rtol=1e-10)
 
 
 def test_label_permutation_and_data_order_invariance():
@@ -417,10 +411,10 @@ def test_label_permutation_and_data_order_invariance():
     permuted_p0 = bm.BernoulliMixtureParams(p0.weights[perm_k], p0.probs[perm_k])
     by_label = bm.fit(jax.random.key(0), x, 3, init=permuted_p0, **kw)
     expected = jax.tree.map(lambda v: v[perm_k], base.params)
-    chex.assert_trees_all_close(by_label.params, expected, rtol=1e-9)
+    testing.assert_trees_close(by_label.params, expected, rtol=1e-9)
     perm_n = np.random.default_rng(11).permutation(120)
     by_order = bm.fit(jax.random.key(0), x[perm_n], 3, init=p0, **kw)
-    chex.assert_trees_all_close(by_order.params, base.params, rtol=1e-9)
+    testing.assert_trees_close(by_order.params, base.params, rtol=1e-9)
     np.testing.assert_allclose(by_order.log_likelihood, base.log_likelihood, rtol=1e-12)
 
 
@@ -456,7 +450,7 @@ def test_fit_is_the_one_driver_on_init_params_batches():
     hyper = bm.BernoulliMixturePrior(*(jnp.asarray(v, jnp.float64) for v in prior))
     tol = jnp.asarray(1e-6)  # as fit passes it (a Python float would recompile)
     direct = em.fit(bm.model(), p0, x, max_iter=100, tol=tol, hyper=hyper)
-    chex.assert_trees_all_close(res, direct, rtol=1e-14)
+    testing.assert_trees_close(res, direct, rtol=1e-14)
     probs = np.asarray(res.params.probs)
     assert probs.min() > 0 and probs.max() < 1  # a Beta(2, 3) prior: never exactly 0 or 1
 
@@ -476,7 +470,7 @@ def test_integer_sample_weights_equal_duplicated_rows_and_zero_weights_dropped_r
     kw = dict(init=p0, prior=MAP, max_iter=20, tol=0.0)
     weighted = bm.fit(jax.random.key(0), x, 3, sample_weight=counts, **kw)
     duplicated = bm.fit(jax.random.key(0), np.repeat(x, counts, axis=0), 3, **kw)
-    chex.assert_trees_all_close(weighted.params, duplicated.params, rtol=1e-9)
+    testing.assert_trees_close(weighted.params, duplicated.params, rtol=1e-9)
     np.testing.assert_allclose(weighted.log_likelihood, duplicated.log_likelihood, rtol=1e-12)
     np.testing.assert_allclose(weighted.history, duplicated.history, rtol=1e-12)
 
