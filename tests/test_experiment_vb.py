@@ -1,0 +1,37 @@
+"""Smoke test of experiments/variational_bayes.py: tiny settings, files written, plot rerun."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emvi.runs import load_script
+
+_PATH = Path(__file__).resolve().parents[1] / "experiments" / "variational_bayes.py"
+
+
+def test_variational_bayes_smoke(tmp_path):
+    mod = load_script(_PATH)
+    cfg = mod.Config(
+        workdir=tmp_path / "run",
+        num_components=3,
+        gmm_max_iter=3,
+        digits_topics=3,
+        lda_passes=2,
+        online_batch_size=500,
+        bars_train_docs=40,
+        bars_test_docs=10,
+        bars_passes=2,
+        bars_num_init=1,
+    )
+    results = mod.main(cfg)
+    for name in ("config.json", "metrics.jsonl", "results.json", "report.md", *mod.FIGURES):
+        assert (cfg.workdir / name).exists(), name
+    assert len(results["mixtures"]) == 3
+    assert all(r["effective_components"] <= 3 for r in results["mixtures"])
+    # VB's ELBO is a lower bound on the log marginal likelihood, MAP-EM's the log-likelihood.
+    assert json.loads((cfg.workdir / "results.json").read_text()) == results
+    assert all(r["test_perplexity"] > 1 for r in results["lda_digits"] + results["lda_bars"])
+    mod.plot(cfg.workdir)
+    with pytest.raises(ValueError, match="already holds a run"):
+        mod.main(cfg)
