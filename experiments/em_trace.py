@@ -107,18 +107,13 @@ def main(cfg: Config) -> dict:
     x = jnp.asarray(x - x.mean(axis=0))
     model = gmm.model("full")
     hyper = gmm.GMMHyper(jnp.asarray(cfg.gmm_reg_covar, dtype))
-    w = jnp.ones((x.shape[0],), dtype)
-    init_fn = jax.jit(
-        gmm.initial_params, static_argnames=("num_components", "covariance_type", "init")
-    )
-    theta0 = init_fn(
+    theta0 = gmm.init_params(
         k_gmm,
         x,
-        w,
-        hyper,
-        num_components=cfg.gmm_num_components,
+        cfg.gmm_num_components,
         covariance_type="full",
-        init="random",
+        method="random",
+        reg_covar=cfg.gmm_reg_covar,
     )
     trace = trace_fn(model, theta0, model.prepare(x), num_iter=cfg.gmm_num_iter, hyper=hyper)
     results["gmm_synthetic"] = {
