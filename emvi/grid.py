@@ -43,7 +43,7 @@ algorithms, not between gradient-noise levels.
 Shape letters: ``n`` data points, ``d`` data dimension, ``t`` iterations.
 
 Example:
-  >>> import numpy as np
+  >>> import jax, jax.numpy as jnp, numpy as np
   >>> from emvi import bernoulli_mixture as bm, estep, mstep
   >>> x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (50, 6)), jnp.float32)
   >>> model = bm.model()
