@@ -8,8 +8,9 @@ Generative model (the decoder) and amortized posterior (the encoder):
 
 with a linear encoder mean and a diagonal covariance that does not depend on x (the
 setting of Lucas, Tucker, Grosse & Norouzi, 2019, "Don't Blame the ELBO!"). The decoder
-is probabilistic PCA (:mod:`emvi.ppca`), so :math:`\log p(x)` is exact, and because q is
-Gaussian and the likelihood is Gaussian in z the ELBO needs no sampling: with
+is probabilistic PCA (:mod:`emvi.linear_gaussian` with ``noise="isotropic"``), so
+:math:`\log p(x)` is exact, and because q is Gaussian and the likelihood is Gaussian in z
+the ELBO needs no sampling (it is :func:`emvi.linear_gaussian.elbo` at the encoder's q): with
 :math:`c = x - \mu`, :math:`m = V c` and :math:`w_j` the j-th column of W,
 
 .. math::
@@ -44,16 +45,15 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Key
 
-from emvi import _checks, ppca
-
-_LOG_2PI = math.log(2.0 * math.pi)
+from emvi import _checks, linear_gaussian
+from emvi.elbo import gaussian_mc_elbo
+from emvi.linear_gaussian import GaussianPosterior, LinearGaussianParams
 
 
 class LinearVAEParams(NamedTuple):
@@ -75,9 +75,10 @@ class LinearVAEParams(NamedTuple):
     log_noise_variance: Float[Array, ""]
 
 
-def decoder(params: LinearVAEParams) -> ppca.PPCAParams:
-    """The decoder as pPCA parameters (W, mu, sigma^2): the model whose log p(x) is exact."""
-    return ppca.PPCAParams(params.loadings, params.mean, jnp.exp(params.log_noise_variance))
+def decoder(params: LinearVAEParams) -> LinearGaussianParams:
+    """The decoder as (isotropic) pPCA parameters (W, mu, sigma^2): the model whose log p(x)
+    is exact."""
+    return LinearGaussianParams(params.loadings, params.mean, jnp.exp(params.log_noise_variance))
 
 
 def encode(
@@ -88,6 +89,15 @@ def encode(
     return m, jnp.exp(params.encoder_log_scale)
 
 
+def encoder_posterior(params: LinearVAEParams, x: Float[Array, "n d"]) -> GaussianPosterior:
+    """q(z | x) as a :class:`emvi.linear_gaussian.GaussianPosterior` (means (n, l), the
+    shared diagonal covariance broadcast to (n, l, l))."""
+    m, s = encode(params, x)
+    return GaussianPosterior(
+        m, jnp.broadcast_to(jnp.diag(s**2), (x.shape[0], s.shape[0], s.shape[0]))
+    )
+
+
 def elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
     r"""The ELBO of every example, in closed form (no sampling).
 
@@ -95,11 +105,11 @@ def elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
         \mathrm{ELBO}(x) = -\frac d2 \log(2\pi\sigma^2)
             - \frac{\|c - W m\|^2 + \sum_j s_j^2 \|w_j\|^2}{2\sigma^2}
             - \frac12 \sum_j \big(s_j^2 + m_j^2 - 1 - \log s_j^2\big),
-        \qquad c = x - \mu,\ m = V c.
+        \qquad c = x - \mu,\ m = V c:
 
-    The first two terms are :math:`E_q[\log p(x \mid z)]` (the expected squared residual
-    of a Gaussian z splits into the residual at the mean plus a trace term), the last is
-    :math:`-\mathrm{KL}(q \,\|\, \mathcal N(0, I))`.
+    the linear-Gaussian model's closed-form ELBO (:func:`emvi.linear_gaussian.elbo`) at the
+    decoder's parameters and the encoder's q (:func:`encoder_posterior`). The first two terms
+    are :math:`E_q[\log p(x \mid z)]`, the last :math:`-\mathrm{KL}(q \,\|\, \mathcal N(0, I))`.
 
     Args:
       params: the VAE's parameters.
@@ -108,17 +118,7 @@ def elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
     Returns:
       Shape (n,).
     """
-    d = x.shape[1]
-    log_var = params.log_noise_variance
-    c = x - params.mean[None, :]
-    m = c @ params.encoder_weight.T
-    resid = c - m @ params.loadings.T
-    s2 = jnp.exp(2.0 * params.encoder_log_scale)
-    trace = jnp.sum(s2 * jnp.sum(params.loadings**2, axis=0))
-    expected_sq = jnp.sum(resid**2, axis=1) + trace
-    recon = -0.5 * (d * (_LOG_2PI + log_var) + expected_sq * jnp.exp(-log_var))
-    kl = 0.5 * (jnp.sum(m**2, axis=1) + jnp.sum(s2 - 1.0 - 2.0 * params.encoder_log_scale))
-    return recon - kl
+    return linear_gaussian.elbo(decoder(params), encoder_posterior(params, x), x)
 
 
 def mc_elbo(
@@ -135,7 +135,8 @@ def mc_elbo(
             + \log p(z_t) - \log q(z_t \mid x)\big], \qquad z_t = m + s \odot \epsilon_t,
 
     unbiased for :func:`elbo`; every term is sampled (no analytic KL), so it is the
-    estimator a model-agnostic VAE would use.
+    estimator a model-agnostic VAE would use (:func:`emvi.elbo.gaussian_mc_elbo` with the
+    joint :func:`emvi.linear_gaussian.log_joint`).
 
     Args:
       key: a typed PRNG key.
@@ -146,25 +147,18 @@ def mc_elbo(
     Returns:
       Shape (n,).
     """
-    d = x.shape[1]
-    m, s = encode(params, x)
-    eps = jax.random.normal(key, (num_samples, *m.shape), m.dtype)
-    z = m[None] + s[None, None, :] * eps  # (s, n, l)
-    mean_x = z @ params.loadings.T + params.mean[None, None, :]
-    log_var = params.log_noise_variance
-    log_lik = -0.5 * (
-        d * (_LOG_2PI + log_var) + jnp.sum((x[None] - mean_x) ** 2, axis=-1) * jnp.exp(-log_var)
+    m, _ = encode(params, x)
+    log_s = jnp.broadcast_to(params.encoder_log_scale, m.shape)
+    dec = decoder(params)
+    return gaussian_mc_elbo(
+        key, lambda z: linear_gaussian.log_joint(dec, x, z), m, log_s, num_samples=num_samples
     )
-    log_prior = -0.5 * jnp.sum(z**2 + _LOG_2PI, axis=-1)
-    log_s = params.encoder_log_scale[None, None, :]
-    log_q = -0.5 * jnp.sum(eps**2 + _LOG_2PI + 2.0 * log_s, axis=-1)
-    return jnp.mean(log_lik + log_prior - log_q, axis=0)
 
 
 def log_prob(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
     r"""Exact :math:`\log p(x) = \log \mathcal N(x \mid \mu, W W^\top + \sigma^2 I)` of the
-    decoder (:func:`emvi.ppca.log_prob`)."""
-    return ppca.log_prob(decoder(params), x)
+    decoder (:func:`emvi.linear_gaussian.log_prob`)."""
+    return linear_gaussian.log_prob(decoder(params), x)
 
 
 def _gram(params: LinearVAEParams) -> Array:

@@ -1,9 +1,23 @@
-"""Factor analysis: densities against SciPy and scikit-learn, EM against scikit-learn's fit.
+"""Factor analysis (``emvi.factor_analysis``, the diagonal linear-Gaussian model) against
+scikit-learn: ``score_samples`` at identical parameters, and the fitted maximum. The maths
+shared with pPCA (log_prob against SciPy, posterior, ELBO + KL, the protocol) is tested for
+both noise types in test_linear_gaussian.py.
 
-Tolerances: closed forms in float64 at rtol ~1e-10 to 1e-12; our EM and scikit-learn's
-SVD-based iterations converge to the same maximum, compared at 1e-6 nats per example (the
-brief asked for 1e-3; both reach ~1e-11 on this data, the slack covers the last digits of
-two different stopping rules).
+Tolerances are derived from what each side delivers:
+
+* ``score_samples`` at the same parameters: two float64 evaluations of the same density by
+  different factorisations (ours an (l, l) Cholesky, scikit-learn's a d x d inverse via the
+  matrix inversion lemma); rtol 1e-12, i.e. ~5e3 eps (measured 7e-16).
+* The maximum: EM converges linearly, with rate rho estimated from the last two changes of
+  the history, so a run stopped after a change Delta is at most Delta rho / (1 - rho) below
+  its limit (the geometric tail); scikit-learn, stopped on its *total* log-likelihood at
+  ``tol``, is at most (tol / n) rho / (1 - rho) below. Add 100 eps |ll| for the rounding of a
+  mean of n log-densities summed in different orders (measured gap 7e-14 against a bound of
+  ~3e-13).
+* Parameters: at a maximum the mean log-likelihood is quadratic, so parameters agree only to
+  about sqrt(2 gap / c) with c the curvature along the weakest direction: psi to rtol 1e-5
+  and the subspace to 1e-5 rad (measured 1.2e-6 and ~1e-7: the weak directions of this data
+  have curvature ~0.1).
 """
 
 import jax
@@ -13,7 +27,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
-from scipy.stats import multivariate_normal
 from sklearn.decomposition import FactorAnalysis
 
 from emvi import em
@@ -21,8 +34,6 @@ from emvi import factor_analysis as fa
 
 # Jitted once per module: one XLA compile per shape instead of op-by-op dispatch.
 _log_prob = jax.jit(fa.log_prob)
-_posterior = jax.jit(fa.posterior)
-_elbo = jax.jit(fa.elbo)
 _e_step = jax.jit(fa.e_step)
 _m_step = jax.jit(fa.m_step)
 
@@ -53,43 +64,15 @@ def _np_cov(params):
 # --------------------------------------------------------------------------------------
 
 
-def test_log_prob_matches_scipy_and_sklearn_score_samples_with_identical_params(rng):
+def test_log_prob_matches_sklearn_score_samples_with_identical_params(rng):
     params = _random_params(rng)
     x = rng.standard_normal((25, 6)) * 2
     ours = np.asarray(_log_prob(params, jnp.asarray(x)))
-    scipy_lp = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(x)
-    np.testing.assert_allclose(ours, scipy_lp, rtol=1e-12)
     sk = FactorAnalysis(n_components=2).fit(x)  # fitted only to exist; params overwritten
     sk.components_ = np.asarray(params.loadings).T
     sk.noise_variance_ = np.asarray(params.noise_variance)
     sk.mean_ = np.asarray(params.mean)
-    np.testing.assert_allclose(ours, sk.score_samples(x), rtol=1e-10)
-
-
-def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
-    params = _random_params(rng)
-    x = rng.standard_normal((10, 6))
-    w, mu, c = np.asarray(params.loadings), np.asarray(params.mean), _np_cov(params)
-    gain = np.linalg.solve(c, w).T  # W^T C^{-1}
-    q = _posterior(params, jnp.asarray(x))
-    np.testing.assert_allclose(q.mean, (x - mu) @ gain.T, rtol=1e-10)
-    np.testing.assert_allclose(q.cov[3], np.eye(2) - gain @ w, rtol=1e-10)
-    # The textbook form: covariance K^{-1} with K = I + W^T Psi^{-1} W.
-    k = np.eye(2) + w.T @ (w / np.asarray(params.noise_variance)[:, None])
-    np.testing.assert_allclose(q.cov[0], np.linalg.inv(k), rtol=1e-10)
-
-
-def test_elbo_equals_log_prob_at_posterior_and_is_below_elsewhere(rng):
-    params = _random_params(rng)
-    x = jnp.asarray(rng.standard_normal((12, 6)))
-    lp = np.asarray(_log_prob(params, x))
-    q = _posterior(params, x)
-    np.testing.assert_allclose(_elbo(params, q, x), lp, rtol=1e-12)
-    shifted = fa.GaussianPosterior(q.mean + 0.3, q.cov * 1.5)
-    # KL(N(m + 0.3, 1.5 S) || N(m, S)) = 0.5 [1.5 l - l - l log 1.5 + 0.09 * 1^T S^{-1} 1].
-    s_inv = np.linalg.inv(np.asarray(q.cov[0]))
-    kl = 0.5 * (1.5 * 2 - 2 - 2 * np.log(1.5) + 0.09 * s_inv.sum())
-    np.testing.assert_allclose(lp - np.asarray(_elbo(params, shifted, x)), kl, rtol=1e-9)
+    np.testing.assert_allclose(ours, sk.score_samples(x), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,36 +84,56 @@ _X_SK = _fa_data(0)
 _FIT = dict(max_iter=2000, num_init=2)  # one static configuration: compiled once per dtype
 
 
+_SK_TOL = 1e-12  # on scikit-learn's total log-likelihood
+
+
 @pytest.fixture(scope="module")
 def sklearn_fit():
-    return FactorAnalysis(n_components=2, tol=1e-10, max_iter=100_000, svd_method="lapack").fit(
-        _X_SK
-    )
+    sk = FactorAnalysis(n_components=2, tol=_SK_TOL, max_iter=100_000, svd_method="lapack")
+    return sk.fit(_X_SK)
+
+
+def _tail_bound(history, num_iter):
+    """Geometric tail Delta rho / (1 - rho) of a linearly converging history."""
+    h = np.asarray(history)[: int(num_iter)]
+    d1, d2 = h[-1] - h[-2], h[-2] - h[-3]
+    rho = min(max(d1 / d2, 0.0), 0.99) if d2 > 0 else 0.99
+    return max(d1, 0.0) * rho / (1 - rho), rho
 
 
 def test_em_reaches_the_same_maximum_as_sklearn(sklearn_fit):
-    res = fa.fit(jax.random.key(0), _X_SK, 2, tol=1e-12, **_FIT)
+    res = fa.fit(jax.random.key(0), _X_SK, 2, tol=1e-14, **_FIT)
     assert bool(res.converged)
     ours, theirs = float(res.log_likelihood), float(sklearn_fit.score(_X_SK))
-    assert abs(ours - theirs) < 1e-6
-    np.testing.assert_allclose(res.params.noise_variance, sklearn_fit.noise_variance_, rtol=1e-3)
+    tail, rho = _tail_bound(res.history, res.num_iter)
+    n = _X_SK.shape[0]
+    eps = np.finfo(np.float64).eps
+    bound = tail + (_SK_TOL / n) * rho / (1 - rho) + 100 * eps * abs(theirs)
+    assert abs(ours - theirs) < bound, (ours - theirs, bound)
+    np.testing.assert_allclose(res.params.noise_variance, sklearn_fit.noise_variance_, rtol=1e-5)
     angle = subspace_angles(np.asarray(res.params.loadings), sklearn_fit.components_.T).max()
-    assert angle < 1e-3
+    assert angle < 1e-5
     h = np.asarray(res.history)[: int(res.num_iter)]
-    assert np.all(np.diff(h) >= -1e-12)
+    assert np.all(np.diff(h) >= -100 * eps * abs(theirs))
 
 
 def test_float32_in_float32_out_and_close_to_the_float64_maximum(sklearn_fit):
     r32 = fa.fit(jax.random.key(1), _X_SK.astype(np.float32), 2, tol=1e-7, **_FIT)
     assert r32.params.noise_variance.dtype == jnp.float32 and r32.history.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(r32.history)[: int(r32.num_iter)]))
-    assert abs(float(r32.log_likelihood) - float(sklearn_fit.score(_X_SK))) < 1e-4
+    # Rounding of a float32 mean of n log-densities of size |ll|: ~sqrt(n) eps32 |ll| (3e-5
+    # here), below 100 eps32 |ll| (1.6e-4); the float32 run's stopping error (tol 1e-7) is less.
+    theirs = float(sklearn_fit.score(_X_SK))
+    eps32 = float(np.finfo(np.float32).eps)
+    assert abs(float(r32.log_likelihood) - theirs) < 100 * eps32 * abs(theirs)
 
 
 @jax.jit
 def _em_path(params, x):
+    data = fa.prepare(x)
+
     def body(p, _):
-        stats, ll = _e_step(p, x, jnp.ones(x.shape[0], x.dtype))
+        stats, ll = _e_step(p, data, jnp.ones(x.shape[0], x.dtype))
         return _m_step(stats), ll
 
     _, ll = jax.lax.scan(body, params, None, length=12)
@@ -150,7 +153,7 @@ def test_em_never_decreases_the_log_likelihood(seed):
 
 def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
     x = jnp.asarray(_fa_data(2, n=60, d=6))
-    tr = em.em_trace(fa.model(), _random_params(rng), x, num_iter=5)
+    tr = em.em_trace(fa.model(), _random_params(rng), fa.prepare(x), num_iter=5)
     ll, eb, kl = (np.asarray(a) for a in (tr.log_likelihood, tr.elbo, tr.kl))
     np.testing.assert_allclose(eb[:, 0], ll[:, 0], rtol=1e-12)
     assert np.all(kl[:, 1] >= -1e-12) and kl[0, 1] > 1e-3

@@ -1,6 +1,8 @@
-"""Probabilistic PCA: densities and posteriors against SciPy/NumPy, EM against the closed form.
+"""Probabilistic PCA (``emvi.ppca``, the isotropic linear-Gaussian model): EM against the
+closed form. The maths shared with factor analysis (log_prob against SciPy, the posterior,
+ELBO + KL = log p, the protocol) is tested for both noise types in test_linear_gaussian.py.
 
-Tolerances: closed forms in float64 against SciPy or NumPy at rtol ~1e-10 (a handful of
+Tolerances: closed forms in float64 against NumPy at rtol ~1e-10 (a handful of
 O(d^3) factorisations apart); EM against the closed-form maximum to 1e-6 nats per example
 and 1e-3 rad of subspace angle, on data whose spectral gap makes EM converge in a few
 hundred iterations (EM's rate along a direction with covariance eigenvalue lambda is about
@@ -14,7 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
-from scipy.stats import multivariate_normal
 from sklearn.decomposition import PCA
 
 from emvi import em, ppca
@@ -22,7 +23,6 @@ from emvi import em, ppca
 # Jitted once per module: one XLA compile per shape instead of op-by-op dispatch.
 _log_prob = jax.jit(ppca.log_prob)
 _posterior = jax.jit(ppca.posterior)
-_elbo = jax.jit(ppca.elbo)
 _e_step = jax.jit(ppca.e_step)
 _m_step = jax.jit(ppca.m_step)
 
@@ -48,30 +48,9 @@ def _np_cov(params):
     return w @ w.T + float(params.noise_variance) * np.eye(w.shape[0])
 
 
-def _np_gauss_kl(m0, s0, m1, s1):
-    """KL(N(m0, s0) || N(m1, s1)) for full covariances, batch over the leading axis."""
-    ell = m0.shape[-1]
-    s1_inv = np.linalg.inv(s1)
-    diff = m1 - m0
-    return 0.5 * (
-        np.einsum("ab,nba->n", s1_inv, s0)
-        + np.einsum("na,ab,nb->n", diff, s1_inv, diff)
-        - ell
-        + np.linalg.slogdet(s1)[1]
-        - np.linalg.slogdet(s0)[1]
-    )
-
-
 # --------------------------------------------------------------------------------------
 # Closed forms against SciPy / NumPy
 # --------------------------------------------------------------------------------------
-
-
-def test_log_prob_matches_scipy_multivariate_normal(rng):
-    params = _random_params(rng)
-    x = rng.standard_normal((20, 6)) * 2
-    expected = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(x)
-    np.testing.assert_allclose(_log_prob(params, jnp.asarray(x)), expected, rtol=1e-12)
 
 
 def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
@@ -92,22 +71,6 @@ def test_posterior_matches_gaussian_conditioning_of_the_joint(rng):
     np.testing.assert_allclose(q.cov[0], s2 * m_inv, rtol=1e-10)
 
 
-def test_elbo_equals_log_prob_at_posterior_and_gap_is_gaussian_kl(rng):
-    params = _random_params(rng)
-    x = jnp.asarray(rng.standard_normal((12, 6)))
-    lp = np.asarray(_log_prob(params, x))
-    q = _posterior(params, x)
-    np.testing.assert_allclose(_elbo(params, q, x), lp, rtol=1e-12)
-    # Perturb both the means and the covariances of q.
-    a = rng.standard_normal((12, 2, 2)) * 0.3
-    cov = np.asarray(q.cov) + a @ np.swapaxes(a, 1, 2)
-    mean = np.asarray(q.mean) + rng.standard_normal((12, 2)) * 0.5
-    gap = lp - np.asarray(_elbo(params, ppca.GaussianPosterior(mean, cov), x))
-    kl = _np_gauss_kl(mean, cov, np.asarray(q.mean), np.asarray(q.cov)[0])
-    np.testing.assert_allclose(gap, kl, rtol=1e-9)
-    assert np.all(gap > 1e-3)
-
-
 _X_GAP = _gap_data(1)  # shared by the closed-form and EM tests: one compile per function
 
 
@@ -120,7 +83,7 @@ def test_closed_form_ml_is_an_em_fixed_point_and_matches_sklearn_pca(ml_gap):
     x, ml = _X_GAP, ml_gap
     n = x.shape[0]
     # One EM iteration from the maximum returns it (W up to rotation: compare W W^T).
-    stats, _ = _e_step(ml, jnp.asarray(x), jnp.ones(n))
+    stats, _ = _e_step(ml, ppca.prepare(jnp.asarray(x)), jnp.ones(n))
     again = _m_step(stats)
     np.testing.assert_allclose(_np_cov(again), _np_cov(ml), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(again.mean, ml.mean, rtol=1e-12)
@@ -140,19 +103,32 @@ def test_em_reaches_the_closed_form_maximum_in_likelihood_and_subspace(ml_gap):
     res = ppca.fit(jax.random.key(0), x, 3, max_iter=1000, tol=1e-12)
     ll_ml = float(jnp.mean(_log_prob(ml, jnp.asarray(x))))
     gap = ll_ml - float(res.log_likelihood)
-    assert -1e-10 < gap < 1e-6  # ML is the global maximum; EM gets within 1e-6 nats
-    angle = subspace_angles(np.asarray(res.params.loadings), np.asarray(ml.loadings)).max()
-    assert angle < 1e-3
-    np.testing.assert_allclose(res.params.noise_variance, ml.noise_variance, rtol=1e-5)
-    np.testing.assert_allclose(res.params.mean, x.mean(0), rtol=1e-12)
+    # EM converges linearly: with rate rho from the last two changes of the history, a run
+    # stopped after a change Delta is within Delta rho / (1 - rho) of its limit; add 100 eps
+    # |ll| for the rounding of two means of n log-densities (measured gap 8.7e-13, bound 1.6e-12).
     h = np.asarray(res.history)[: int(res.num_iter)]
-    assert np.all(np.diff(h) >= -1e-12)
+    d1, d2 = h[-1] - h[-2], h[-2] - h[-3]
+    rho = min(max(d1 / d2, 0.0), 0.99)
+    rounding = 100 * np.finfo(np.float64).eps * abs(ll_ml)
+    bound = max(d1, 0.0) * rho / (1 - rho) + rounding
+    assert -rounding < gap < bound  # ML is the global maximum
+    # Parameters agree to ~sqrt(2 gap / c), c the curvature: along log sigma^2 it is
+    # (d - l) / 2 per example, along a rotation of the subspace >= (lambda_l - lambda_{l+1})^2 /
+    # (lambda_l lambda_{l+1}) ~ 2 for this data's spectrum (9, 6, 4 | 1, ...).
+    angle = subspace_angles(np.asarray(res.params.loadings), np.asarray(ml.loadings)).max()
+    assert angle < np.sqrt(bound)
+    rtol = np.sqrt(4 * bound / (x.shape[1] - 3))
+    np.testing.assert_allclose(res.params.noise_variance, ml.noise_variance, rtol=rtol)
+    np.testing.assert_allclose(res.params.mean, x.mean(0), rtol=1e-12)
+    assert np.all(np.diff(h) >= -rounding)
 
 
 @jax.jit
 def _em_path(params, x):
+    data = ppca.prepare(x)
+
     def body(p, _):
-        stats, ll = _e_step(p, x, jnp.ones(x.shape[0], x.dtype))
+        stats, ll = _e_step(p, data, jnp.ones(x.shape[0], x.dtype))
         return _m_step(stats), ll
 
     _, ll = jax.lax.scan(body, params, None, length=12)
@@ -171,20 +147,9 @@ def test_em_never_decreases_the_log_likelihood(seed):
     assert np.all(np.diff(ll) >= -1e-10 * np.abs(ll[1:]))
 
 
-def test_weighted_em_equals_duplicated_points_including_the_mean():
-    """Integer weights = repeated rows; checks the joint (W, mu) update with weights."""
-    x = _gap_data(3, n=40, d=5, ell=2)
-    counts = np.random.default_rng(4).integers(1, 4, 40)
-    p0 = _random_params(np.random.default_rng(5), d=5, ell=2)
-    a = em.fit_em(ppca.model(), p0, jnp.asarray(x), jnp.asarray(counts, float), max_iter=6, tol=0.0)
-    b = em.fit_em(ppca.model(), p0, jnp.asarray(np.repeat(x, counts, axis=0)), max_iter=6, tol=0.0)
-    for u, v in zip(a.params, b.params, strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-9)
-
-
 def test_em_trace_bound_touches_after_e_and_kl_nonnegative_after_m(rng):
     x = jnp.asarray(_gap_data(6, n=60, d=6, ell=2))
-    tr = em.em_trace(ppca.model(), _random_params(rng, d=6, ell=2), x, num_iter=5)
+    tr = em.em_trace(ppca.model(), _random_params(rng, d=6, ell=2), ppca.prepare(x), num_iter=5)
     ll, eb, kl = (np.asarray(a) for a in (tr.log_likelihood, tr.elbo, tr.kl))
     np.testing.assert_allclose(eb[:, 0], ll[:, 0], rtol=1e-12)
     assert np.all(kl[:, 1] >= -1e-12) and kl[0, 1] > 1e-3
@@ -208,7 +173,10 @@ def test_float32_in_float32_out_and_near_the_float64_maximum(ml_gap):
     r32 = ppca.fit(jax.random.key(0), _X_GAP.astype(np.float32), 3, max_iter=1000, tol=1e-7)
     assert r32.params.loadings.dtype == jnp.float32 and r32.history.dtype == jnp.float32
     ll_ml = float(jnp.mean(_log_prob(ml_gap, jnp.asarray(_X_GAP))))
-    assert abs(float(r32.log_likelihood) - ll_ml) < 1e-4
+    # Rounding of a float32 mean of n log-densities of size |ll|: ~sqrt(n) eps32 |ll| (4e-5
+    # here), below 100 eps32 |ll| (1.7e-4); the float32 run's stopping error (tol 1e-7) is less.
+    eps32 = float(np.finfo(np.float32).eps)
+    assert abs(float(r32.log_likelihood) - ll_ml) < 100 * eps32 * abs(ll_ml)
 
 
 @pytest.mark.parametrize(
