@@ -1,0 +1,593 @@
+"""Hidden Markov models (emvi.hmm): oracles, identities and bad input.
+
+Oracles: brute-force enumeration of all k^t state paths (small k, t) with SciPy densities,
+and hmmlearn (0.3.3) from the same initial parameters. Tolerances: enumeration and the
+sequential/parallel agreement are float64 computations of the same quantities by different
+summation orders, so 1e-10 (they agree to about 1e-14); hmmlearn's log-likelihood history
+and parameters after 8 iterations to 1e-8 relative, the issue's bound (measured ~1e-14).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import multivariate_normal, poisson
+
+from emvi import bernoulli_mixture as bm
+from emvi import em, gmm, hmm
+
+K, D = 3, 2
+LENGTHS = np.array([5, 3, 1, 4])
+T = int(LENGTHS.max())
+
+
+def _params(rng, emission, k=K, d=D, m=4):
+    pi = rng.dirichlet(np.full(k, 3.0))
+    a = rng.dirichlet(np.full(k, 3.0), size=k)
+    if isinstance(emission, hmm.Gaussian):
+        ct = emission.covariance_type
+        means = rng.normal(size=(k, d)) * 2.0
+        if ct == "full":
+            r = rng.normal(size=(k, d, d)) * 0.4
+            cov = r @ np.swapaxes(r, 1, 2) + np.eye(d)
+        elif ct == "tied":
+            r = rng.normal(size=(d, d)) * 0.4
+            cov = r @ r.T + np.eye(d)
+        elif ct == "diag":
+            cov = rng.uniform(0.5, 2.0, (k, d))
+        else:
+            cov = rng.uniform(0.5, 2.0, k)
+        e = hmm.GaussianParams(jnp.asarray(means), jnp.asarray(cov))
+    elif isinstance(emission, hmm.Categorical):
+        e = hmm.CategoricalParams(jnp.asarray(rng.dirichlet(np.ones(emission.num_symbols), k)))
+    elif isinstance(emission, hmm.Bernoulli):
+        e = hmm.BernoulliParams(jnp.asarray(rng.uniform(0.1, 0.9, (k, d))))
+    else:
+        e = hmm.PoissonParams(jnp.asarray(rng.uniform(0.5, 4.0, (k, d))))
+    return hmm.HMMParams(jnp.asarray(pi), jnp.asarray(a), e)
+
+
+def _close_trees(a, b, **tol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, **tol)
+
+
+def _data(rng, emission, n=LENGTHS.size, t=T, d=D):
+    if isinstance(emission, hmm.Gaussian):
+        return rng.normal(size=(n, t, d)) * 2.0
+    if isinstance(emission, hmm.Categorical):
+        return rng.integers(0, emission.num_symbols, size=(n, t))
+    if isinstance(emission, hmm.Bernoulli):
+        return (rng.uniform(size=(n, t, d)) < 0.5).astype(np.float64)
+    return rng.poisson(2.0, size=(n, t, d)).astype(np.float64)
+
+
+def _cov_full(emission, p, j):
+    ct, cov = emission.covariance_type, np.asarray(p.emission.covariances)
+    d = p.emission.means.shape[1]
+    return {
+        "full": lambda: cov[j],
+        "tied": lambda: cov,
+        "diag": lambda: np.diag(cov[j]),
+        "spherical": lambda: cov[j] * np.eye(d),
+    }[ct]()
+
+
+def _log_b(emission, p, x_t):
+    """Independent (SciPy/NumPy) emission log-densities of one step, (k,)."""
+    k = p.initial.shape[0]
+    if isinstance(emission, hmm.Gaussian):
+        means = np.asarray(p.emission.means)
+        return np.array(
+            [multivariate_normal(means[j], _cov_full(emission, p, j)).logpdf(x_t) for j in range(k)]
+        )
+    if isinstance(emission, hmm.Categorical):
+        return np.log(np.asarray(p.emission.probs)[:, int(x_t)])
+    if isinstance(emission, hmm.Bernoulli):
+        pr = np.asarray(p.emission.probs)
+        return np.sum(x_t * np.log(pr) + (1 - x_t) * np.log1p(-pr), axis=1)
+    return np.sum(poisson(np.asarray(p.emission.rates)).logpmf(x_t[None, :]), axis=1)
+
+
+def _enumerate(emission, p, x, lengths):
+    """Per sequence: log p(x), marginals, pairwise marginals, the best path and its score."""
+    pi, a = np.asarray(p.initial), np.asarray(p.transition)
+    k = pi.shape[0]
+    out = []
+    for i, length in enumerate(lengths):
+        lb = np.array([_log_b(emission, p, x[i, t]) for t in range(length)])
+        paths = list(itertools.product(range(k), repeat=int(length)))
+        lp = np.array(
+            [
+                np.log(pi[z[0]])
+                + sum(np.log(a[z[t - 1], z[t]]) for t in range(1, length))
+                + sum(lb[t, z[t]] for t in range(length))
+                for z in paths
+            ]
+        )
+        total = np.logaddexp.reduce(lp)
+        g = np.zeros((length, k))
+        xi = np.zeros((max(length - 1, 0), k, k))
+        for z, v in zip(paths, np.exp(lp - total), strict=True):
+            g[np.arange(length), z] += v
+            for t in range(length - 1):
+                xi[t, z[t], z[t + 1]] += v
+        best = int(np.argmax(lp))
+        out.append((total, g, xi, np.array(paths[best]), lp[best]))
+    return out
+
+
+BRUTE_EMISSIONS = [
+    hmm.Gaussian("full"),
+    hmm.Gaussian("spherical"),
+    hmm.Categorical(4),
+    hmm.Bernoulli(),
+    hmm.Poisson(),
+]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _everything(p, data, w, emission, parallel):
+    """One compiled program per (emission, scan): every quantity the enumeration checks."""
+    kw = dict(emission=emission, parallel=parallel)
+    return (
+        hmm.log_prob(p, data, **kw),
+        hmm.posterior(p, data, **kw),
+        hmm.viterbi(p, data, **kw),
+        hmm.e_step(p, data, w, **kw),
+        hmm.filter_marginals(p, data, **kw),
+    )
+
+
+@pytest.mark.parametrize("emission", BRUTE_EMISSIONS, ids=lambda e: repr(e))
+def test_brute_force_enumeration(emission):
+    """log p(x), marginals, pairwise marginals, Viterbi and the expected statistics equal the
+    sums over all k^t paths, for both scans, on a ragged batch (lengths 5, 3, 1, 4)."""
+    rng = np.random.default_rng(1)
+    p = _params(rng, emission)
+    x = _data(rng, emission)
+    data = hmm.as_data(x, LENGTHS, emission=emission)
+    ref = _enumerate(emission, p, x, LENGTHS)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, len(LENGTHS)))
+    for parallel in (False, True):
+        ll, q, (path, score), (stats, ll_sum), _ = _everything(p, data, w, emission, parallel)
+        for i, (total, g, xi, best, best_lp) in enumerate(ref):
+            length = LENGTHS[i]
+            np.testing.assert_allclose(ll[i], total, rtol=1e-12, atol=1e-10)
+            np.testing.assert_allclose(q.marginals[i, :length], g, atol=1e-10)
+            np.testing.assert_allclose(q.pairwise[i, : length - 1], xi, atol=1e-10)
+            np.testing.assert_array_equal(path[i, :length], best)
+            np.testing.assert_array_equal(path[i, length:], -1)
+            np.testing.assert_allclose(score[i], best_lp, rtol=1e-12, atol=1e-10)
+        wn = np.asarray(w)
+        np.testing.assert_allclose(ll_sum, np.sum(wn * np.array([r[0] for r in ref])), rtol=1e-12)
+        np.testing.assert_allclose(
+            stats.initial, sum(wn[i] * r[1][0] for i, r in enumerate(ref)), atol=1e-10
+        )
+        trans = sum(wn[i] * r[2].sum(axis=0) for i, r in enumerate(ref) if LENGTHS[i] > 1)
+        np.testing.assert_allclose(stats.transition, trans, atol=1e-10)
+        counts = sum(wn[i] * r[1].sum(axis=0) for i, r in enumerate(ref))
+        if isinstance(emission, hmm.Gaussian):
+            np.testing.assert_allclose(stats.emission.counts, counts, atol=1e-10)
+            sums = sum(wn[i] * r[1].T @ x[i, : LENGTHS[i]] for i, r in enumerate(ref))
+            np.testing.assert_allclose(stats.emission.sums, sums, atol=1e-10)
+        elif isinstance(emission, hmm.Categorical):
+            onehot = np.eye(4)
+            sym = sum(wn[i] * r[1].T @ onehot[x[i, : LENGTHS[i]]] for i, r in enumerate(ref))
+            np.testing.assert_allclose(stats.emission.sum_x, sym, atol=1e-10)
+        else:
+            np.testing.assert_allclose(stats.emission.counts, counts, atol=1e-10)
+            sums = sum(wn[i] * r[1].T @ x[i, : LENGTHS[i]] for i, r in enumerate(ref))
+            np.testing.assert_allclose(stats.emission.sum_x, sums, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# hmmlearn
+# ---------------------------------------------------------------------------------------
+
+
+def _hmmlearn_batch(seed, lengths):
+    """A ragged batch sampled from a 3-state HMM with separated 2-D means."""
+    true = hmm.HMMParams(
+        jnp.array([0.5, 0.3, 0.2]),
+        jnp.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]),
+        hmm.GaussianParams(jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]), jnp.ones((3, 2))),
+    )
+    x, _ = hmm.sample(
+        jax.random.key(seed), true, len(lengths), int(max(lengths)), emission=hmm.Gaussian("diag")
+    )
+    return np.asarray(x)
+
+
+HL_ITERS = 8
+
+
+@pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
+def test_matches_hmmlearn_gaussian(covariance_type):
+    """From the same initial parameters, 8 EM iterations give hmmlearn's log-likelihood history
+    and parameters (maximum likelihood: covars_prior=0, covars_weight=1, min_covar=0 (used
+    only by hmmlearn's own initialisation), reg_covar=0; hmmlearn's history is a sum over
+    sequences, emvi's a mean), on two ragged batches."""
+    from hmmlearn import hmm as hl
+
+    emission = hmm.Gaussian(covariance_type)
+    # two ragged batches of the same padded shape (one compiled program per covariance type)
+    for seed, lengths in ((3, np.array([40, 17, 25, 8, 33])), (4, np.array([12, 40, 5, 31, 1]))):
+        rng = np.random.default_rng(seed)
+        x = _hmmlearn_batch(seed, lengths)
+        p0 = _params(rng, emission)
+        p0 = p0._replace(
+            emission=p0.emission._replace(
+                means=jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]) + rng.normal(size=(3, 2))
+            )
+        )
+        res = hmm.fit(
+            jax.random.key(0), x, K, emission=emission, lengths=lengths, init=p0,
+            max_iter=HL_ITERS, tol=0.0, reg_covar=0.0,
+        )  # fmt: skip
+        ref = hl.GaussianHMM(
+            K, covariance_type=covariance_type, n_iter=HL_ITERS, tol=-np.inf, init_params="",
+            params="stmc", covars_prior=0.0, covars_weight=1.0, min_covar=0.0,
+        )  # fmt: skip
+        ref.startprob_, ref.transmat_ = np.asarray(p0.initial), np.asarray(p0.transition)
+        ref.means_, ref.covars_ = np.asarray(p0.emission.means), np.asarray(p0.emission.covariances)
+        ref.fit(np.concatenate([x[i, :length] for i, length in enumerate(lengths)]), lengths)
+        hist = np.asarray(ref.monitor_.history)
+        np.testing.assert_allclose(np.asarray(res.history) * len(lengths), hist, rtol=1e-8)
+        np.testing.assert_allclose(res.params.initial, ref.startprob_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(res.params.transition, ref.transmat_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(res.params.emission.means, ref.means_, rtol=1e-8, atol=1e-12)
+        cov = ref._covars_[:, 0] if covariance_type == "spherical" else ref._covars_
+        np.testing.assert_allclose(res.params.emission.covariances, cov, rtol=1e-8)
+
+
+def test_matches_hmmlearn_categorical():
+    """Categorical emissions (hmmlearn's CategoricalHMM, emissionprob_prior=1) on two ragged
+    batches of integer symbols."""
+    from hmmlearn import hmm as hl
+
+    emission = hmm.Categorical(4)
+    for seed, lengths in ((5, np.array([30, 17, 25, 8])), (6, np.array([2, 30, 3, 11]))):
+        rng = np.random.default_rng(seed)
+        true = _params(rng, emission)
+        x, _ = hmm.sample(jax.random.key(seed), true, len(lengths), int(lengths.max()),
+                          emission=emission)  # fmt: skip
+        x = np.asarray(x)
+        p0 = _params(rng, emission)
+        res = hmm.fit(
+            jax.random.key(0), x, K, emission=emission, lengths=lengths, init=p0,
+            max_iter=HL_ITERS, tol=0.0,
+        )  # fmt: skip
+        ref = hl.CategoricalHMM(
+            K, n_iter=HL_ITERS, tol=-np.inf, init_params="", params="ste", n_features=4
+        )
+        ref.startprob_, ref.transmat_ = np.asarray(p0.initial), np.asarray(p0.transition)
+        ref.emissionprob_ = np.asarray(p0.emission.probs)
+        flat = np.concatenate([x[i, :length] for i, length in enumerate(lengths)])[:, None]
+        ref.fit(flat, lengths)
+        np.testing.assert_allclose(
+            np.asarray(res.history) * len(lengths), ref.monitor_.history, rtol=1e-8
+        )
+        np.testing.assert_allclose(res.params.transition, ref.transmat_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(res.params.initial, ref.startprob_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(
+            res.params.emission.probs, ref.emissionprob_, rtol=1e-8, atol=1e-12
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Identities
+# ---------------------------------------------------------------------------------------
+
+
+def test_sequential_equals_parallel_long_ragged():
+    """Both scans give the same statistics, log-likelihoods, filtered marginals and Viterbi
+    paths to 1e-10 on longer ragged sequences (t = 200)."""
+    rng = np.random.default_rng(7)
+    emission = hmm.Gaussian("diag")
+    p = _params(rng, emission, k=4)
+    lengths = np.array([200, 1, 77, 150])
+    x, _ = hmm.sample(jax.random.key(1), p, 4, 200, emission=emission)
+    data = hmm.as_data(np.asarray(x), lengths, emission=emission)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, 4))
+    _, q0, (v0, sc0), (s0, l0), (f0, _) = _everything(p, data, w, emission, False)
+    _, q1, (v1, sc1), (s1, l1), (f1, _) = _everything(p, data, w, emission, True)
+    np.testing.assert_allclose(l0, l1, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(q0.pairwise, q1.pairwise, atol=1e-10)
+    np.testing.assert_allclose(f0, f1, atol=1e-10)
+    np.testing.assert_array_equal(v0, v1)
+    np.testing.assert_allclose(sc0, sc1, rtol=1e-12)
+
+
+def test_filtered_marginals_are_last_step_smoothed_of_prefixes():
+    """p(z_t | x_{1:t}) = the smoothed marginal of the last step of the prefix x_{1:t}."""
+    rng = np.random.default_rng(8)
+    emission = hmm.Gaussian("spherical")
+    p = _params(rng, emission)
+    x = _data(rng, emission, n=1, t=T)
+    prefixes = np.repeat(x, T, axis=0)
+    lengths = np.arange(1, T + 1)
+    data = hmm.as_data(prefixes, lengths, emission=emission)
+    ll, q, _, _, (f, fll) = _everything(p, data, jnp.ones(T), emission, False)
+    np.testing.assert_allclose(f[-1], q.marginals[np.arange(T), lengths - 1], atol=1e-12)
+    np.testing.assert_allclose(fll, ll, rtol=1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _protocol(p, other, data, w, mdl):
+    q = mdl.posterior(p, data)
+    stats, _ = mdl.e_step(p, data, w)
+    return (
+        mdl.elbo(p, q, data),
+        mdl.log_prob(p, data),
+        mdl.elbo(p, mdl.posterior(other, data), data),
+        stats,
+        mdl.expected_stats(q, data, w),
+    )
+
+
+def test_protocol_identities():
+    """ELBO = log p(x) at the exact posterior and below it for another chain q;
+    expected_stats(posterior) = e_step's statistics; em.require finds every field."""
+    rng = np.random.default_rng(9)
+    emission = hmm.Gaussian("full")
+    mdl = hmm.model(emission)
+    face = [f for f in em.ExactModel._fields if not f.startswith("q_")]
+    em.require(mdl, *face, purpose="test")  # no q bijection for a chain-structured q
+    p, other = _params(rng, emission), _params(rng, emission)
+    mask = jnp.asarray(np.arange(T)[None, :] < LENGTHS[:, None])
+    data = mdl.prepare(hmm.HMMSequences(jnp.asarray(_data(rng, emission)), mask))
+    w = jnp.asarray(rng.uniform(0.5, 2.0, len(LENGTHS)))
+    elbo, ll, elbo_other, stats, again = _protocol(p, other, data, w, mdl)
+    np.testing.assert_allclose(elbo, ll, rtol=1e-12)
+    assert np.all(np.asarray(ll - elbo_other) > 1e-6)
+    _close_trees(stats, again, rtol=1e-10, atol=1e-12)
+
+
+def test_relabelling_states():
+    """Permuting the states permutes marginals, statistics and nothing else."""
+    rng = np.random.default_rng(10)
+    emission = hmm.Gaussian("diag")
+    p = _params(rng, emission)
+    perm = np.array([2, 0, 1])
+    pp = hmm.HMMParams(
+        p.initial[perm],
+        p.transition[perm][:, perm],
+        hmm.GaussianParams(p.emission.means[perm], p.emission.covariances[perm]),
+    )
+    data = hmm.as_data(_data(rng, emission), LENGTHS, emission=emission)
+    w = jnp.ones(len(LENGTHS))
+    _, _, (path, _), (s, ll), _ = _everything(p, data, w, emission, False)
+    _, _, (pathp, _), (sp, llp), _ = _everything(pp, data, w, emission, False)
+    np.testing.assert_allclose(ll, llp, rtol=1e-13)
+    np.testing.assert_allclose(s.initial[perm], sp.initial, atol=1e-13)
+    np.testing.assert_allclose(s.transition[perm][:, perm], sp.transition, atol=1e-13)
+    np.testing.assert_allclose(s.emission.sums[perm], sp.emission.sums, atol=1e-12)
+    inv = np.argsort(perm)
+    np.testing.assert_array_equal(np.where(path >= 0, inv[np.asarray(path)], -1), pathp)
+
+
+@jax.jit
+def _one_step_each(p, g, data, x, w):
+    emission = hmm.Gaussian("full")
+    stats, _ = hmm.e_step(p, data, w, emission=emission)
+    gm = gmm.model("full")
+    gstats, _ = gm.e_step(g, gm.prepare(x), w)
+    return hmm.m_step(stats, None, emission=emission), gm.m_step(gstats, None)
+
+
+def test_length_one_sequences_are_a_mixture():
+    """With every length 1 the HMM is a mixture with weights pi: log p(x) is gmm.log_prob and
+    one EM step moves pi and the emission exactly as one GMM EM step (A is untouched: it gets
+    no statistics, so its rows become uniform)."""
+    rng = np.random.default_rng(11)
+    emission = hmm.Gaussian("full")
+    p = _params(rng, emission)
+    x = rng.normal(size=(50, 1, D)) * 2.0
+    data = hmm.as_data(x, emission=emission)
+    g = gmm.GMMParams(p.initial, p.emission.means, p.emission.covariances)
+    np.testing.assert_allclose(
+        hmm.log_prob(p, data, emission=emission),
+        gmm.log_prob(g, jnp.asarray(x[:, 0]), covariance_type="full"),
+        rtol=1e-12,
+    )
+    new, gnew = _one_step_each(p, g, data, jnp.asarray(x[:, 0]), jnp.ones(50))
+    np.testing.assert_allclose(new.initial, gnew.weights, rtol=1e-12)
+    np.testing.assert_allclose(new.emission.means, gnew.means, rtol=1e-12)
+    np.testing.assert_allclose(new.emission.covariances, gnew.covariances, rtol=1e-12)
+    np.testing.assert_allclose(new.transition, np.full((K, K), 1.0 / K), rtol=1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _stationarity(p, data, w, hyper, _unused, mdl):
+    q = mdl.posterior(p, data)
+    theta = mdl.m_step(mdl.expected_stats(q, data, w), hyper)
+    u = mdl.to_unconstrained(theta)
+
+    def objective(uu):
+        th = mdl.from_unconstrained(uu)
+        return jnp.sum(w * mdl.elbo(th, q, data)) + mdl.log_prior(th, hyper)
+
+    return theta, mdl.from_unconstrained(u), jax.grad(objective)(u)
+
+
+def test_m_step_is_stationary_point_of_the_map_objective():
+    """The closed-form MAP M-step zeroes the gradient (in unconstrained coordinates) of
+    sum_n w_n ELBO_n(q, theta) + log_prior(theta) for a fixed q: the two M-steps of the grid
+    climb the same objective, and the bijections round-trip."""
+    rng = np.random.default_rng(12)
+    gauss_prior = gmm.GMMPrior(
+        jnp.ones(()), jnp.zeros(D), jnp.array(0.5), jnp.ones(D), jnp.array(3.0)
+    )
+    for emission, eprior in (
+        (hmm.Gaussian("diag"), gmm.GMMHyper(jnp.zeros(()), gauss_prior)),
+        (hmm.Categorical(4), hmm.CategoricalPrior(jnp.array(2.0))),
+        (hmm.Bernoulli(), bm.BernoulliMixturePrior(1.0, 1.5, 2.0)),
+        (hmm.Poisson(), hmm.PoissonPrior(2.0, 0.5)),
+    ):
+        hyper = hmm.HMMHyper(jnp.array(2.0), jnp.array([2.0, 3.0, 1.5]), eprior)
+        p = _params(rng, emission)
+        data = hmm.as_data(_data(rng, emission), LENGTHS, emission=emission)
+        w = jnp.asarray(rng.uniform(0.5, 2.0, len(LENGTHS)))
+        theta, back, grads = _stationarity(p, data, w, hyper, None, hmm.model(emission))
+        _close_trees(theta, back, rtol=1e-10, atol=1e-12)
+        for gleaf in jax.tree_util.tree_leaves(grads):
+            np.testing.assert_allclose(gleaf, 0.0, atol=1e-7)
+
+
+_em_history = jax.jit(
+    lambda p, x, mask: (
+        em.run_em(
+            hmm.model(hmm.Gaussian("diag")),
+            p,
+            hmm.prepare(hmm.HMMSequences(x, mask), emission=hmm.Gaussian("diag")),
+            max_iter=6,
+            tol=0.0,
+            hyper=hmm.HMMHyper(1.0, 1.0, gmm.GMMHyper(jnp.asarray(1e-3))),
+        ).history
+    )
+)
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_em_never_lowers_the_log_likelihood(seed):
+    rng = np.random.default_rng(seed)
+    emission = hmm.Gaussian("diag")
+    p = _params(rng, emission)
+    x = jnp.asarray(_data(rng, emission))
+    mask = jnp.asarray(np.arange(T)[None, :] < LENGTHS[:, None])
+    hist = np.asarray(_em_history(p, x, mask))
+    assert np.all(np.diff(hist) >= -1e-10 * np.abs(hist[1:]))
+
+
+def test_chunks_and_weights():
+    """chunk_size changes nothing; an integer sample_weight equals duplicated sequences."""
+    rng = np.random.default_rng(13)
+    emission = hmm.Categorical(4)
+    w = np.array([2.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0])  # 4 sequences, 3 of zero weight
+    idx = np.repeat(np.arange(4), w[:4].astype(int))  # the same 4, duplicated: 7 rows
+    lengths = np.concatenate([LENGTHS, LENGTHS[:3]])
+    x = _data(rng, emission, n=7)
+    p0 = _params(rng, emission)
+    # (a Dirichlet(1.5) prior keeps every emission probability > 0, so the zero-weight
+    # sequences stay possible and em.run_em's final sum_n w_n log p(x_n) is finite)
+    prior = hmm.HMMHyper(emission=hmm.CategoricalPrior(1.5))
+    kw = dict(emission=emission, init=p0, max_iter=4, tol=0.0, prior=prior)
+    weighted = hmm.fit(jax.random.key(0), x, K, lengths=lengths, sample_weight=w, **kw)
+    dup = hmm.fit(jax.random.key(0), x[idx], K, lengths=lengths[idx], **kw)
+    chunked = hmm.fit(jax.random.key(0), x[idx], K, lengths=lengths[idx], chunk_size=3, **kw)
+    np.testing.assert_allclose(weighted.params.transition, dup.params.transition, rtol=1e-10)
+    np.testing.assert_allclose(weighted.history, dup.history, rtol=1e-10)
+    _close_trees(chunked.params, dup.params, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(chunked.history, dup.history, rtol=1e-12)
+
+
+def test_fit_recovers_and_float32():
+    """From restarts, fit recovers a well-separated 2-state HMM; float32 in, float32 out."""
+    true = hmm.HMMParams(
+        jnp.array([0.5, 0.5]),
+        jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+        hmm.GaussianParams(jnp.array([[-3.0, 0.0], [3.0, 1.0]]), jnp.ones((2, 2))),
+    )
+    x, _ = hmm.sample(jax.random.key(0), true, 4, 80, emission=hmm.Gaussian("diag"))
+    for dtype in (np.float64, np.float32):
+        res = hmm.fit(
+            jax.random.key(1), np.asarray(x, dtype), 2, emission=hmm.Gaussian("diag"),
+            num_init=2, max_iter=50,
+        )  # fmt: skip
+        assert res.params.transition.dtype == dtype
+        order = np.argsort(np.asarray(res.params.emission.means[:, 0]))
+        np.testing.assert_allclose(res.params.emission.means[order], true.emission.means, atol=0.2)
+        a = np.asarray(res.params.transition)[order][:, order]
+        np.testing.assert_allclose(a, true.transition, atol=0.06)
+        assert bool(res.converged)
+
+
+def test_sample_transition_frequencies():
+    """Empirical transition frequencies of a long sample are within 5 standard errors."""
+    p = hmm.HMMParams(
+        jnp.array([1.0, 0.0]),
+        jnp.array([[0.7, 0.3], [0.4, 0.6]]),
+        hmm.CategoricalParams(jnp.array([[0.5, 0.5], [0.1, 0.9]])),
+    )
+    _, z = hmm.sample(jax.random.key(2), p, 4, 5000, emission=hmm.Categorical(2))
+    z = np.asarray(z)
+    assert np.all(z[:, 0] == 0)
+    prev, nxt = z[:, :-1].ravel(), z[:, 1:].ravel()
+    a = np.asarray(p.transition)
+    for i in range(2):
+        f = np.mean(nxt[prev == i] == 1)
+        se = np.sqrt(a[i, 1] * (1 - a[i, 1]) / np.sum(prev == i))
+        assert abs(f - a[i, 1]) < 5 * se
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _good():
+    rng = np.random.default_rng(14)
+    emission = hmm.Gaussian("diag")
+    return emission, _params(rng, emission), _data(rng, emission)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan", "NaN"),
+        ("long", "<= the padded length"),
+        ("zero", ">= 1"),
+        ("ragged", "ragged"),
+        ("dim", "dimension"),
+        ("rows", "sum to one"),
+        ("negative", "negative"),
+        ("k0", "num_states"),
+        ("shape", "shape"),
+    ],
+)
+def test_bad_input_raises(case, match):
+    emission, p, x = _good()
+    kw = dict(emission=emission, lengths=LENGTHS)
+    x = x.copy()
+    if case == "nan":
+        x[1, 0, 0] = np.nan
+    elif case == "long":
+        kw["lengths"] = LENGTHS + 1
+    elif case == "zero":
+        kw["lengths"] = np.array([5, 0, 1, 4])
+    elif case == "ragged":
+        x = [np.zeros((3, D)), np.zeros((5, D))]
+        kw.pop("lengths")
+    elif case == "dim":
+        kw["init"] = p._replace(emission=p.emission._replace(means=jnp.zeros((K, D + 1))))
+    elif case == "rows":
+        kw["init"] = p._replace(transition=p.transition * 1.1)
+    elif case == "negative":
+        a = np.asarray(p.transition).copy()
+        a[0] = [1.2, -0.2, 0.0]
+        kw["init"] = p._replace(transition=jnp.asarray(a))
+    elif case == "shape":
+        x = x[:, :, 0]
+    with pytest.raises(ValueError, match=match):
+        hmm.fit(jax.random.key(0), x, 0 if case == "k0" else K, **kw)
+
+
+def test_nan_in_padding_is_ignored():
+    """Padding after a sequence's end may hold anything (it is never evaluated)."""
+    emission, p, x = _good()
+    x = x.copy()
+    x[2, 1:] = np.nan  # sequence 2 has length 1
+    ll = hmm.log_prob(p, hmm.as_data(x, LENGTHS, emission=emission), emission=emission)
+    assert np.all(np.isfinite(np.asarray(ll)))
