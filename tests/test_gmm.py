@@ -128,12 +128,14 @@ def _dense_cov(params, j, covariance_type, d):
     }[covariance_type]()
 
 
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
 @pytest.mark.parametrize("ct", TYPES)
-def test_densities_match_scipy_and_posterior_rows_sum_to_one(rng, ct):
+def test_densities_match_scipy_and_posterior_rows_sum_to_one(rng, ct, variant):
     k, d = 3, 4
     p = _random_params(rng, k, d, ct)
     x = rng.normal(size=(50, d)) * 3
-    lj = np.asarray(gmm.log_joint(p, jnp.asarray(x), covariance_type=ct))
+    log_joint = variant_fn(variant, gmm.log_joint, static_argnames=("covariance_type",))
+    lj = np.asarray(log_joint(p, jnp.asarray(x), covariance_type=ct))
     expected = np.stack(
         [
             np.log(float(p.weights[j]))
@@ -312,8 +314,9 @@ def _prior(ct, d, k):
     )
 
 
+@pytest.mark.parametrize("variant", JIT_VARIANTS)
 @pytest.mark.parametrize("ct", TYPES)
-def test_map_m_step_matches_numpy_formulas(rng, ct):
+def test_map_m_step_matches_numpy_formulas(rng, ct, variant):
     n, d, k = 40, 3, 4
     x = rng.normal(size=(n, d))
     resp = rng.dirichlet(np.ones(k), n)
@@ -321,10 +324,12 @@ def test_map_m_step_matches_numpy_formulas(rng, ct):
     resp /= resp.sum(1, keepdims=True)
     w = rng.uniform(0.5, 2.0, n)
     data = gmm.prepare(jnp.asarray(x), covariance_type=ct)
-    stats = gmm.expected_stats(jnp.asarray(resp), data, jnp.asarray(w), covariance_type=ct)
+    expected_stats = variant_fn(variant, gmm.expected_stats, static_argnames=("covariance_type",))
+    m_step = variant_fn(variant, gmm.m_step, static_argnames=("covariance_type",))
+    stats = expected_stats(jnp.asarray(resp), data, jnp.asarray(w), covariance_type=ct)
     prior = _prior(ct, d, k)
     hyper = gmm.GMMHyper(jnp.asarray(1e-4), prior)
-    got = gmm.m_step(stats, hyper, covariance_type=ct)
+    got = m_step(stats, hyper, covariance_type=ct)
     rw = resp * w[:, None]
     second = np.einsum("nk,ni,nj->kij", rw, x, x)
     expected = _numpy_map_m_step(rw.sum(0), rw.T @ x, second, prior, 1e-4, ct)
@@ -621,3 +626,35 @@ def test_fit_restarts_are_init_params_vmapped_over_split_keys():
         )
     # The best restart is what fit returns.
     assert float(res.log_likelihood) == float(jnp.max(res.restart_log_likelihoods))
+
+
+def test_float32_full_covariances_are_as_accurate_as_the_cancellation_allows():
+    # The packed M-step forms S/N = M/N - xbar xbar^T, whose entries carry an absolute
+    # error of a few float32 eps times a_c = Sigma_cc + xbar_c^2 = Sigma_cc (1 + kappa_c),
+    # kappa_c = xbar_c^2 / Sigma_cc the component's squared offset from the data mean in
+    # its own units (products, sum, division and subtraction each round once: ~4 eps).
+    # EM's contraction keeps the fixed point's error at that order, so float32 covariances
+    # must agree with float64 ones to 10 (1 + kappa) eps32 in correlation units
+    # |dSigma_cc'| / sqrt(Sigma_cc Sigma_c'c'). A floor of 4 d eps a added to every
+    # diagonal (what the M-step did before) is 4d = 32 times that and fails here.
+    n, d, k = 2000, 8, 4
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0.0, 10.0, (k, d))
+    a = rng.normal(size=(k, d, d)) / np.sqrt(d)
+    chol = np.linalg.cholesky(a @ np.swapaxes(a, 1, 2) + 0.5 * np.eye(d))
+    z = np.arange(n) % k
+    x = centres[z] + np.einsum("nij,nj->ni", chol[z], rng.standard_normal((n, d)))
+    cov0 = np.stack([np.cov(x[z == j].T) * 1.3 for j in range(k)])
+    p0 = gmm.GMMParams(jnp.full(k, 1.0 / k), jnp.asarray(centres + 0.3), jnp.asarray(cov0))
+    kw = {"covariance_type": "full", "max_iter": 50, "tol": 0.0}
+    r64 = gmm.fit_from_params(p0, jnp.asarray(x), **kw)
+    p0_32 = jax.tree_util.tree_map(lambda v: v.astype(jnp.float32), p0)
+    r32 = gmm.fit_from_params(p0_32, jnp.asarray(x, jnp.float32), **kw)
+    assert r32.params.covariances.dtype == jnp.float32
+    c64 = np.asarray(r64.params.covariances)
+    c32 = np.asarray(r32.params.covariances, np.float64)
+    var = np.diagonal(c64, axis1=1, axis2=2)  # (k, d)
+    kappa = np.max((np.asarray(r64.params.means) - x.mean(0)) ** 2 / var)
+    assert kappa > 50  # far-off components: the cancellation is real
+    err = np.max(np.abs(c32 - c64) / np.sqrt(var[:, :, None] * var[:, None, :]))
+    assert err <= 10 * (1 + kappa) * np.finfo(np.float32).eps, (err, kappa)
