@@ -201,23 +201,28 @@ def reparameterize(
     key: Key[Array, ""],
     mean: Float[Array, "n l"],
     scale: Float[Array, "n l"],
-    num_samples: int,
-) -> tuple[Float[Array, "s n l"], Float[Array, "s n l"]]:
+    num_samples: int | None,
+) -> tuple[Float[Array, "*s n l"], Float[Array, "*s n l"]]:
     r"""Draws :math:`z_{si} = \mu_i + \sigma_i \odot \varepsilon_{si}` with
     :math:`\varepsilon_{si} \sim \mathcal N(0, I_l)`, differentiable in :math:`(\mu, \sigma)`.
 
     Sampling contract: ``eps = jax.random.normal(key, (num_samples, n, l), mean.dtype)``, so
     the same key gives the same :math:`\varepsilon` to every q of that shape (common random
-    numbers).
+    numbers). ``num_samples=None`` draws one z per example without the sample axis,
+    ``eps = jax.random.normal(key, (n, l), mean.dtype)`` (the same numbers as
+    ``num_samples=1``, whose sample axis has size one).
 
     Args:
       key: a typed PRNG key.
       mean, scale: :math:`\mu` and :math:`\sigma > 0`, shape (n, l).
-      num_samples: S (static).
+      num_samples: S (static), or None.
 
     Returns:
-      ``(z, eps)``, both of shape (S, n, l).
+      ``(z, eps)``, both of shape (S, n, l), or (n, l) for ``num_samples=None``.
     """
+    if num_samples is None:
+        eps = jax.random.normal(key, mean.shape, mean.dtype)
+        return mean + scale * eps, eps
     eps = jax.random.normal(key, (num_samples, *mean.shape), mean.dtype)
     return mean[None] + scale[None] * eps, eps
 

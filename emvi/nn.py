@@ -3,7 +3,12 @@ r"""Flax (linen) encoders and decoders for amortized inference.
 An encoder is the amortized E-step: it maps a data point to the parameters of q(z | x).
 A decoder is the model p(x | z): it maps a latent to the parameters of a distribution over
 the data, and its ``log_prob(z, x)`` method returns :math:`\log p(x \mid z)` summed over
-data dimensions.
+data dimensions (``x`` may have size-1 leading axes, broadcast against z's batch axes).
+That method, a ``data_dim`` attribute and ``sample(key, z)`` are all the VAEs of
+:mod:`emvi.vae` ask of a decoder; ``likelihood`` ("bernoulli" or "gaussian") says which data
+it can score. Three decoders are here: the factorised :class:`BernoulliDecoder` and
+:class:`GaussianDecoder`, and the autoregressive :class:`MADEDecoder`, strong enough to
+model x without the latent (what makes posterior collapse possible).
 
 Shape letters: ``n`` data points, ``d`` data dimension, ``l`` latent dimension, ``m``
 classes of a categorical latent, ``s`` Monte Carlo samples. ``...`` is any batch shape.
@@ -32,11 +37,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from emvi import elbo
@@ -184,6 +190,7 @@ class BernoulliDecoder(nn.Module):
     hidden: Sequence[int]
     data_dim: int
     activation: str = "relu"
+    likelihood: ClassVar[str] = "bernoulli"
 
     @nn.compact
     def __call__(self, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
@@ -228,6 +235,7 @@ class GaussianDecoder(nn.Module):
     variance: Literal["per_dim", "per_output"] = "per_dim"
     activation: str = "relu"
     min_scale: float = 1e-2
+    likelihood: ClassVar[str] = "gaussian"
 
     @nn.compact
     def __call__(
@@ -258,3 +266,82 @@ class GaussianDecoder(nn.Module):
         """Draws x ~ p(x | z)."""
         mean, scale = self(z)
         return mean + scale * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def _made_degrees(size: int, data_dim: int) -> np.ndarray:
+    """Hidden-unit degrees 1..d-1, cycled (Germain et al. 2015, deterministic variant)."""
+    return np.arange(size) % max(data_dim - 1, 1) + 1
+
+
+def _masked_dense(module: nn.Module, x: Array, mask: np.ndarray, name: str, *, bias: bool = True):
+    """``x @ (W * mask) + b`` with float32 parameters cast to the dtype of ``x``."""
+    kernel = module.param(f"{name}_kernel", nn.initializers.lecun_normal(), mask.shape, jnp.float32)
+    out = x @ (kernel * jnp.asarray(mask, kernel.dtype)).astype(x.dtype)
+    if bias:
+        b = module.param(f"{name}_bias", nn.initializers.zeros_init(), mask.shape[1:])
+        out = out + b.astype(x.dtype).reshape((1,) * (out.ndim - 1) + b.shape)
+    return out
+
+
+class MADEDecoder(nn.Module):
+    r"""Autoregressive Bernoulli decoder :math:`p(x \mid z) = \prod_i p(x_i \mid x_{<i}, z)`.
+
+    Masked dense layers (MADE, Germain et al. 2015) over the pixels in raster order: hidden
+    unit degrees cycle through 1..d-1, a unit of degree k sees pixels 1..k, and logit i
+    sees the units of degree < i, so it depends on :math:`x_{<i}` only. z enters every
+    hidden layer and the output through unmasked dense layers, and a direct masked
+    x -> logits connection is added. ``__call__(z, x)`` returns the d logits.
+
+    Attributes:
+      data_dim: ``d``.
+      hidden: hidden layer sizes.
+
+    Example:
+      >>> dec = MADEDecoder(data_dim=4, hidden=(8,))
+      >>> z, x = jnp.zeros((3, 2)), jnp.ones((3, 4))
+      >>> params = dec.init(jax.random.key(0), z, x)
+      >>> dec.apply(params, z, x, method="log_prob").shape
+      (3,)
+    """
+
+    data_dim: int
+    hidden: tuple[int, ...] = (256,)
+    likelihood: ClassVar[str] = "bernoulli"
+
+    @nn.compact
+    def __call__(self, z: Float[Array, "... l"], x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        _check_sizes(self.hidden, self.data_dim, "data_dim")
+        d = self.data_dim
+        in_deg = np.arange(1, d + 1)
+        h, prev = x, in_deg
+        for i, size in enumerate(self.hidden):
+            deg = _made_degrees(size, d)
+            h = _masked_dense(self, h, deg[None, :] >= prev[:, None], f"masked_{i}")
+            h = nn.relu(h + nn.Dense(size, name=f"cond_{i}")(z))
+            prev = deg
+        logits = _masked_dense(self, h, in_deg[None, :] > prev[:, None], "masked_out")
+        direct = _masked_dense(self, x, in_deg[None, :] > in_deg[:, None], "direct", bias=False)
+        return logits + direct + nn.Dense(d, name="cond_out")(z)
+
+    def log_prob(self, z: Float[Array, "... l"], x: Float[Array, "... d"]) -> Float[Array, "..."]:
+        """log p(x | z) summed over pixels; ``x`` is broadcast to z's batch shape."""
+        x = jnp.broadcast_to(x, (*z.shape[:-1], self.data_dim)).astype(z.dtype)
+        return bernoulli_log_prob(self(z, x), x)
+
+    def sample(self, key: Array, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """Draws x ~ p(x | z) pixel by pixel (d passes of the network)."""
+        keys = jax.random.split(key, self.data_dim)
+        x0 = jnp.zeros((*z.shape[:-1], self.data_dim), z.dtype)
+
+        def body(i, x):
+            p = jax.nn.sigmoid(self(z, x)[..., i])
+            xi = jax.random.bernoulli(keys[i], p).astype(z.dtype)
+            return x.at[..., i].set(xi)
+
+        return jax.lax.fori_loop(0, self.data_dim, body, x0)
+
+    def mean(self, z: Float[Array, "... l"]) -> Float[Array, "... d"]:
+        """Not available in closed form for an autoregressive decoder."""
+        raise NotImplementedError(
+            "MADEDecoder has no closed-form E[x | z]; draw samples with sample(key, z)."
+        )

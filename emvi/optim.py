@@ -60,26 +60,30 @@ def run_steps(
     num_steps: int,
     *,
     step0: int | Array = 0,
-) -> tuple[PyTree, PyTree, Float[Array, " s"]]:
+    has_aux: bool = False,
+) -> tuple[PyTree, PyTree, Float[Array, " s"] | tuple[Float[Array, " s"], PyTree]]:
     """Minimises ``loss_fn(params, step)`` by ``num_steps`` optax steps (on device).
 
     Args:
-      loss_fn: ``(params, step) -> scalar``; ``step`` is the global step (int32).
+      loss_fn: ``(params, step) -> scalar``, or ``-> (scalar, aux)`` with ``has_aux``;
+        ``step`` is the global step (int32).
       optimizer: an optax transformation.
       params: the starting point (any pytree of float arrays).
       opt_state: ``optimizer.init(params)`` or a state carried over from earlier steps.
       num_steps: how many steps (static, >= 1).
       step0: the global step of the first step taken here.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` (any pytree of arrays).
 
     Returns:
-      ``(params, opt_state, losses)`` with ``losses[j]`` the loss *before* step ``j``.
+      ``(params, opt_state, losses)`` with ``losses[j]`` the loss *before* step ``j``; with
+      ``has_aux``, ``losses`` is ``(losses, aux)`` with every aux leaf stacked over steps.
     """
 
     def body(carry, step):
         p, s = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, step)
+        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(p, step)
         p, s = apply_update(optimizer, grads, s, p)
-        return (p, s), loss
+        return (p, s), out
 
     steps = jnp.asarray(step0, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
     (params, opt_state), losses = lax.scan(body, (params, opt_state), steps)

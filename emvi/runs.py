@@ -66,6 +66,28 @@ def load_script(path: str | os.PathLike):
     return module
 
 
+def cli(config_cls, main, plot, argv: list[str] | None = None):
+    """The command line of an experiment script: ``plot DIR`` or the config's flags.
+
+    ``script.py plot DIR`` remakes the figures of the run folder DIR with ``plot(DIR)`` and
+    prints the paths it wrote; anything else is parsed by ``tyro`` into ``config_cls`` and
+    handed to ``main``. Every experiment ends with
+    ``if __name__ == "__main__": runs.cli(Config, main, plot)``.
+
+    Returns:
+      What ``main`` or ``plot`` returned.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "plot":
+        written = plot(argv[1])
+        for path in written or ():
+            print(path)
+        return written
+    import tyro
+
+    return main(tyro.cli(config_cls, args=argv))
+
+
 def git_sha(path: str | os.PathLike | None = None) -> str | None:
     """Returns the git commit of the source tree (with ``-dirty`` if modified), or None."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent

@@ -3,13 +3,19 @@ r"""The optax training loop every experiment reuses: epochs, checkpoints, metric
 Nothing here knows about models. A loss is any function
 
 .. math::
-    \mathcal{L}(\theta; \xi, x_{1:b}) \quad\text{returned as}\quad
-    \texttt{loss\_fn(params, key, batch) -> (loss, aux)},
+    \mathcal{L}_t(\theta; \xi, x_{1:b}) \quad\text{returned as}\quad
+    \texttt{loss\_fn(params, key, batch, step) -> (loss, aux)},
 
 where ``params`` is any pytree (Flax linen param dicts, NamedTuples), ``key`` is the
 per-step randomness :math:`\xi` (Monte Carlo samples of a VAE, dropout), ``batch`` holds
-``b`` rows of the training matrix, ``loss`` is a scalar to minimise (a negative ELBO,
-say) and ``aux`` a dict of scalar diagnostics.
+``b`` rows of the training matrix, ``step`` is the global step ``t`` (an int32 scalar, so
+schedules such as KL annealing or a free-bits warm-up are functions of it), ``loss`` is a
+scalar to minimise (a negative ELBO, say) and ``aux`` a dict of scalar diagnostics. The
+steps themselves are :func:`emvi.optim.run_steps`, the one optimiser loop of emvi.
+
+:func:`fit` is four pieces: argument checks, :func:`_open_run` (the run folder:
+checkpoints, resume, metrics log), :func:`_run_epochs` (the epoch loop: train, check,
+evaluate, log, save) and the result.
 
 Shape letters: ``n`` training examples, ``d`` data dim, ``b`` batch size, ``m`` minibatches
 per epoch (``m = n // b``).
@@ -38,7 +44,7 @@ at any moment resumes from its last complete one.
 
 Example:
   >>> import optax
-  >>> def loss_fn(params, key, batch):
+  >>> def loss_fn(params, key, batch, step):
   ...     err = batch[:, :-1] @ params["w"] - batch[:, -1]
   ...     return jnp.mean(err**2), {}
   >>> data = jax.random.normal(jax.random.key(0), (64, 4))
@@ -65,10 +71,11 @@ from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray, Shaped
 from tqdm.auto import tqdm
 
 from emvi import _checks
+from emvi.optim import run_steps
 from emvi.runs import MetricsLog, atomic_write_text, read_metrics
 
 PyTree = Any
-LossFn = Callable[[PyTree, PRNGKeyArray, Array], tuple[Array, Mapping[str, Array]]]
+LossFn = Callable[[PyTree, PRNGKeyArray, Array, Array], tuple[Array, Mapping[str, Array]]]
 EpochFn = Callable[[Any, PRNGKeyArray, Any, Array], tuple[Any, dict[str, Array]]]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -157,7 +164,7 @@ def make_train_epoch(
     """Returns the jitted function that runs one epoch as a single ``lax.scan``.
 
     Args:
-      loss_fn: ``loss_fn(params, key, batch) -> (loss, aux)`` with a scalar loss and a
+      loss_fn: ``loss_fn(params, key, batch, step) -> (loss, aux)`` with a scalar loss and a
         dict of scalar aux values (names used by the history rows, such as ``"loss"``
         and ``"step"``, are reserved).
       optimizer: an optax gradient transformation.
@@ -207,22 +214,27 @@ def _train_epoch(
             f"batch_size ({batch_size}) is larger than the number of training examples "
             f"({num_points})."
         )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     shuffle_key, step_key = jax.random.split(run_key)
     order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_points)
     batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
 
-    def train_step(state: TrainState, rows: Int[Array, " b"]):
-        batch = jnp.take(data, rows, axis=0)
-        key = jax.random.fold_in(step_key, state.step)
-        (loss, aux), grads = grad_fn(state.params, key, batch)
+    def step_loss(params: PyTree, step: Int[Array, ""]):
+        batch = jnp.take(data, batches[step - state.step], axis=0)
+        loss, aux = loss_fn(params, jax.random.fold_in(step_key, step), batch, step)
         _check_loss_output(loss, aux)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, **aux}
+        return loss, aux
 
-    return jax.lax.scan(train_step, state, batches)
+    params, opt_state, (losses, aux) = run_steps(
+        step_loss,
+        optimizer,
+        state.params,
+        state.opt_state,
+        num_batches,
+        step0=state.step,
+        has_aux=True,
+    )
+    new_state = TrainState(step=state.step + num_batches, params=params, opt_state=opt_state)
+    return new_state, {"loss": losses, **aux}
 
 
 _train_epoch_jit = jax.jit(_train_epoch, static_argnames=("loss_fn", "optimizer", "batch_size"))
@@ -475,7 +487,7 @@ def fit(
 
     Args:
       key: the run key; the result depends only on it (and the inputs).
-      loss_fn: ``loss_fn(params, key, batch) -> (loss, aux)``, see the module docstring.
+      loss_fn: ``loss_fn(params, key, batch, step) -> (loss, aux)``, see the module docstring.
       params: initial parameters, any pytree of arrays.
       optimizer: an optax gradient transformation.
       train_x: the (n, d) training matrix, finite.
@@ -523,8 +535,6 @@ def fit(
         raise ValueError(f"config_fingerprint must be a string; got {config_fingerprint!r}.")
 
     started = time.perf_counter()
-    num_batches = num_points // batch_size
-    data = jnp.asarray(data_np)
     state = init_state(params, optimizer)
     meta = {
         "config_fingerprint": config_fingerprint,
@@ -534,47 +544,131 @@ def fit(
         "run_key": _key_record(key),
         "state_signature": _signature(state),
     }
-
-    checkpoints = None
-    log = None
-    bar = None
-    resumed_from = None
+    run = _Run(checkpoints=None, log=None, state=state, resumed_from=None)
     try:
         if workdir is not None:
-            workdir = Path(workdir).absolute()  # orbax needs absolute paths
-            workdir.mkdir(parents=True, exist_ok=True)
-            checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=max_checkpoints)
-            latest = checkpoints.latest_epoch()
-            if latest is not None:
-                if not resume:
-                    raise ValueError(
-                        f"{checkpoints.directory} already holds checkpoints (latest: epoch "
-                        f"{latest}); pass resume=True to continue that run, or use a fresh "
-                        "workdir or --overwrite."
-                    )
-                if latest > num_epochs - 1:
-                    raise ValueError(
-                        f"{checkpoints.directory} holds a checkpoint of epoch {latest}, past "
-                        f"the {num_epochs} epochs asked for; use a fresh workdir or "
-                        "--overwrite, or ask for more epochs."
-                    )
-                _check_meta(checkpoints.restore_meta(latest), meta, checkpoints.directory)
-                state = checkpoints.restore_state(latest, state)
-                resumed_from = latest
-            _trim_metrics(workdir, last_epoch=-1 if resumed_from is None else resumed_from)
-            log = MetricsLog(workdir)
-
-        first_epoch = 0 if resumed_from is None else resumed_from + 1
-        train_epoch = make_train_epoch(loss_fn, optimizer, batch_size=batch_size)
-        history: list[dict] = []
-        bar = tqdm(
-            range(first_epoch, num_epochs),
-            initial=first_epoch,
-            total=num_epochs,
-            desc="epochs",
-            unit="epoch",
-            disable=not progress,
+            run = _open_run(
+                Path(workdir), run.state, meta, num_epochs, resume=resume, keep=max_checkpoints
+            )
+        schedule = _Schedule(num_epochs, eval_every, checkpoint_every)
+        state, history = _run_epochs(
+            run,
+            make_train_epoch(loss_fn, optimizer, batch_size=batch_size),
+            key,
+            jnp.asarray(data_np),
+            schedule,
+            meta=meta,
+            eval_fn=eval_fn,
+            started=started,
+            progress=progress,
+            log_fn=log_fn,
         )
+    finally:
+        run.close()
+
+    steady = [row["epoch_time"] for row in history[1:]]
+    return TrainResult(
+        state=state,
+        history=history,
+        resumed_from=run.resumed_from,
+        examples_per_epoch=(num_points // batch_size) * batch_size,
+        steady_epoch_time=float(np.mean(steady)) if steady else None,
+    )
+
+
+class _Run(NamedTuple):
+    """An open run: its checkpoints and metrics log (None without a workdir), the state to
+    start from and the epoch of the checkpoint it was restored from (None: a fresh start)."""
+
+    checkpoints: _Checkpoints | None
+    log: MetricsLog | None
+    state: TrainState
+    resumed_from: int | None
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+
+
+class _Schedule(NamedTuple):
+    """When to evaluate and to checkpoint (every k-th epoch, and always after the last)."""
+
+    num_epochs: int
+    eval_every: int
+    checkpoint_every: int
+
+    def evaluate(self, epoch: int) -> bool:
+        return _every(epoch, self.eval_every, self.num_epochs)
+
+    def save(self, epoch: int) -> bool:
+        return _every(epoch, self.checkpoint_every, self.num_epochs)
+
+
+def _open_run(
+    workdir: Path, state: TrainState, meta: dict, num_epochs: int, *, resume: bool, keep: int
+) -> _Run:
+    """Opens ``workdir`` and resumes from its latest checkpoint if there is one.
+
+    The checkpoint must have been written by the same setup (``meta``: config fingerprint,
+    data shape, batch size, key, state signature) and lie within ``num_epochs``; metrics rows
+    of later epochs are dropped so that ``metrics.jsonl`` keeps one row per epoch.
+    """
+    workdir = workdir.absolute()  # orbax needs absolute paths
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=keep)
+    try:
+        latest = checkpoints.latest_epoch()
+        if latest is not None:
+            if not resume:
+                raise ValueError(
+                    f"{checkpoints.directory} already holds checkpoints (latest: epoch "
+                    f"{latest}); pass resume=True to continue that run, or use a fresh "
+                    "workdir or --overwrite."
+                )
+            if latest > num_epochs - 1:
+                raise ValueError(
+                    f"{checkpoints.directory} holds a checkpoint of epoch {latest}, past "
+                    f"the {num_epochs} epochs asked for; use a fresh workdir or "
+                    "--overwrite, or ask for more epochs."
+                )
+            _check_meta(checkpoints.restore_meta(latest), meta, checkpoints.directory)
+            state = checkpoints.restore_state(latest, state)
+        _trim_metrics(workdir, last_epoch=-1 if latest is None else latest)
+    except BaseException:
+        checkpoints.close()
+        raise
+    return _Run(checkpoints, MetricsLog(workdir), state, latest)
+
+
+def _run_epochs(
+    run: _Run,
+    train_epoch: EpochFn,
+    key: PRNGKeyArray,
+    data: Array,
+    schedule: _Schedule,
+    *,
+    meta: dict,
+    eval_fn: Callable[[PyTree], Mapping[str, Any]] | None,
+    started: float,
+    progress: bool,
+    log_fn: Callable[[dict], None] | None,
+) -> tuple[TrainState, list[dict]]:
+    """The epoch loop: train one epoch, refuse a diverged one, evaluate, log, checkpoint."""
+    state = run.state
+    first_epoch = 0 if run.resumed_from is None else run.resumed_from + 1
+    num_batches = meta["num_examples"] // meta["batch_size"]
+    history: list[dict] = []
+    bar = tqdm(
+        range(first_epoch, schedule.num_epochs),
+        initial=first_epoch,
+        total=schedule.num_epochs,
+        desc="epochs",
+        unit="epoch",
+        disable=not progress,
+    )
+    try:
         for epoch in bar:
             tic = time.perf_counter()
             first_step = int(state.step)
@@ -582,41 +676,27 @@ def fit(
             step_metrics = {name: np.asarray(v) for name, v in step_metrics.items()}
             epoch_time = time.perf_counter() - tic
             _raise_if_diverged(
-                step_metrics["loss"], new_state, epoch, first_step, num_batches, checkpoints
+                step_metrics["loss"], new_state, epoch, first_step, num_batches, run.checkpoints
             )
             state = new_state
-
-            evals = None
-            if eval_fn is not None and _every(epoch, eval_every, num_epochs):
-                evals = eval_fn(state.params)
+            evals = eval_fn(state.params) if eval_fn and schedule.evaluate(epoch) else None
             row = _epoch_row(epoch, first_step + num_batches, step_metrics, evals)
             row["epoch_time"] = epoch_time
             row["includes_compile"] = epoch == first_epoch
             row["elapsed"] = time.perf_counter() - started
             history.append(row)
-            if log is not None:
-                log.write(**row)
-            if checkpoints is not None and _every(epoch, checkpoint_every, num_epochs):
-                checkpoints.save(epoch, state, {**meta, "epoch": epoch, "step": int(state.step)})
+            if run.log is not None:
+                run.log.write(**row)
+            if run.checkpoints is not None and schedule.save(epoch):
+                run.checkpoints.save(
+                    epoch, state, {**meta, "epoch": epoch, "step": int(state.step)}
+                )
             bar.set_postfix(loss=f"{row['loss']:.4g}")
             if log_fn is not None:
                 log_fn(row)
     finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-        if checkpoints is not None:
-            checkpoints.close()
-
-    steady = [row["epoch_time"] for row in history[1:]]
-    return TrainResult(
-        state=state,
-        history=history,
-        resumed_from=resumed_from,
-        examples_per_epoch=num_batches * batch_size,
-        steady_epoch_time=float(np.mean(steady)) if steady else None,
-    )
+        bar.close()
+    return state, history
 
 
 def _raise_if_diverged(

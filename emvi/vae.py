@@ -18,9 +18,12 @@ Two models share one interface (a frozen dataclass holding an encoder and a deco
   :math:`\log p(x) = \mathrm{logsumexp}_k [\log p(x \mid k)] - \log m`
   (``categorical_log_likelihood``). The gap between the two is KL(q(.|x) || p(.|x)).
 
-Loss functions have the ``emvi.train.fit`` signature ``loss(params, key, batch) -> (loss,
-aux)`` once the static model is bound with ``functools.partial``; they do no validation so
-they can be jitted. The thin public wrappers (``fit_vae``, ``encode``, ``reconstruct``,
+Loss functions have the ``emvi.train.fit`` signature ``loss(params, key, batch, step) ->
+(loss, aux)`` once the static model is bound with ``functools.partial`` (``loss_fn`` does
+the binding); they do no validation so they can be jitted. Beside the ELBO and IWAE, the
+objectives used against posterior collapse (KL annealing, free bits, InfoVAE/MMD) are one
+:class:`Objective` away (``objective_loss``), with the schedule a function of the step.
+The thin public wrappers (``fit_vae``, ``encode``, ``reconstruct``,
 ``generate``, ``log_likelihood``, ``categorical_log_likelihood``) validate their inputs
 eagerly and raise ``ValueError``.
 
@@ -42,18 +45,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, NamedTuple
 
 import distrax
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from emvi import _checks, elbo
+from emvi import _checks, elbo, mmd
 from emvi import nn as enn
 
-Decoder = enn.BernoulliDecoder | enn.GaussianDecoder
+Decoder = Any  # a flax Module with data_dim, log_prob(z, x) and sample(key, z); see emvi.nn
 
 
 class VAEParams(NamedTuple):
@@ -64,9 +69,15 @@ class VAEParams(NamedTuple):
 
 
 def _check_decoder(decoder) -> None:
-    if not isinstance(decoder, enn.BernoulliDecoder | enn.GaussianDecoder):
+    if not (
+        isinstance(decoder, flax.linen.Module)
+        and callable(getattr(decoder, "log_prob", None))
+        and hasattr(decoder, "data_dim")
+    ):
         raise ValueError(
-            f"decoder must be an emvi.nn.BernoulliDecoder or GaussianDecoder; got {decoder!r}."
+            "decoder must be a flax Module with a data_dim attribute and a log_prob(z, x) "
+            f"method (e.g. emvi.nn.BernoulliDecoder, GaussianDecoder, MADEDecoder); got "
+            f"{decoder!r}."
         )
 
 
@@ -81,15 +92,23 @@ class _EncoderDecoder:
 
     @property
     def likelihood(self) -> str:
-        return "bernoulli" if isinstance(self.decoder, enn.BernoulliDecoder) else "gaussian"
+        """The decoder's ``likelihood`` ("bernoulli", "gaussian"; "unknown" if it has none)."""
+        return str(getattr(self.decoder, "likelihood", "unknown"))
 
     def init(self, key: Array) -> VAEParams:
-        """Initialises encoder and decoder parameters (float32); the decoder reads a
-        ``latent_dim``-vector (the one-hot code, for the categorical VAE)."""
-        k_enc, k_dec = jax.random.split(key)
-        x = jnp.zeros((1, self.data_dim), jnp.float32)
-        z = jnp.zeros((1, self.latent_dim), jnp.float32)
-        return VAEParams(self.encoder.init(k_enc, x), self.decoder.init(k_dec, z))
+        """Initialises encoder and decoder parameters (float32); the decoder is initialised
+        through its ``log_prob(z, x)`` on a ``latent_dim``-vector (the one-hot code, for the
+        categorical VAE), so decoders that read x too (MADE) are initialised alike."""
+        return _init_params(key, self)
+
+
+def _init_params(key: Array, model) -> VAEParams:
+    k_enc, k_dec = jax.random.split(key)
+    x = jnp.zeros((1, model.data_dim), jnp.float32)
+    z = jnp.zeros((1, model.latent_dim), jnp.float32)
+    return VAEParams(
+        model.encoder.init(k_enc, x), model.decoder.init(k_dec, z, x, method="log_prob")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +117,9 @@ class GaussianVAE(_EncoderDecoder):
 
     Attributes:
       encoder: an ``emvi.nn.GaussianEncoder`` (the amortized E-step).
-      decoder: an ``emvi.nn.BernoulliDecoder`` or ``GaussianDecoder`` (the model p(x|z)).
+      decoder: the model p(x|z): any decoder of :mod:`emvi.nn` (``BernoulliDecoder``,
+        ``GaussianDecoder``, ``MADEDecoder``) or a flax Module with ``data_dim`` and
+        ``log_prob(z, x)``.
     """
 
     encoder: enn.GaussianEncoder
@@ -127,7 +148,7 @@ class CategoricalVAE(_EncoderDecoder):
 
     Attributes:
       encoder: an ``emvi.nn.CategoricalEncoder`` (logits of q(k | x)).
-      decoder: an ``emvi.nn.BernoulliDecoder`` or ``GaussianDecoder`` over one-hot codes.
+      decoder: a decoder (as for ``GaussianVAE``) over one-hot codes.
     """
 
     encoder: enn.CategoricalEncoder
@@ -251,13 +272,14 @@ def elbo_loss(
     params: VAEParams,
     key: Array,
     x: Float[Array, "n d"],
+    step: Int[Array, ""] | int = 0,
     *,
     model: GaussianVAE,
     num_samples: int = 1,
     beta: float | Array = 1.0,
     analytic_kl: bool = True,
 ) -> tuple[Array, dict]:
-    r"""Negative mean per-example (beta-)ELBO of a ``GaussianVAE``.
+    r"""Negative mean per-example (beta-)ELBO of a ``GaussianVAE`` (``step`` is unused).
 
     .. math:: \mathcal{L} = -\frac1n \sum_i \big(\mathrm{recon}_i - \beta\,\mathrm{kl}_i\big).
 
@@ -265,6 +287,7 @@ def elbo_loss(
       ``(loss, aux)`` with ``aux`` holding the mean ``elbo`` (always with beta = 1),
       ``recon`` and ``kl``, all in nats per example.
     """
+    del step
     recon, kl = gaussian_elbo_terms(
         params, key, x, model=model, num_samples=num_samples, analytic_kl=analytic_kl
     )
@@ -288,12 +311,21 @@ def _gaussian_posterior_fn(params: VAEParams, model: GaussianVAE):
 
 
 def iwae_bound(
-    params: VAEParams, key: Array, x: Float[Array, "n d"], *, model: GaussianVAE, num_samples: int
+    params: VAEParams,
+    key: Array,
+    x: Float[Array, "n d"],
+    *,
+    model: GaussianVAE,
+    num_samples: int,
+    chunk_size: int | None = None,
 ) -> Float[Array, " n"]:
     r"""Per-example importance-weighted bound with k = ``num_samples`` draws from q(z|x).
 
     .. math:: \mathcal{L}_k(x) = E\Big[\log \frac1k \sum_{j=1}^k
-              \frac{p(x, z_j)}{q(z_j \mid x)}\Big] \le \log p(x).
+              \frac{p(x, z_j)}{q(z_j \mid x)}\Big] \le \log p(x),
+
+    :func:`emvi.elbo.iwae_bound` (the one IWAE estimator) with the encoder's q and the
+    decoder's joint; ``chunk_size`` bounds the samples alive at once.
     """
     log_joint = _gaussian_log_joint_fn(params, model)
     return elbo.iwae_bound(
@@ -301,6 +333,7 @@ def iwae_bound(
         _gaussian_posterior_fn(params, model)(x),
         lambda z: log_joint(x, z),
         num_samples=num_samples,
+        chunk_size=chunk_size,
     )
 
 
@@ -308,17 +341,120 @@ def iwae_loss(
     params: VAEParams,
     key: Array,
     x: Float[Array, "n d"],
+    step: Int[Array, ""] | int = 0,
     *,
     model: GaussianVAE,
     num_samples: int = 5,
 ) -> tuple[Array, dict]:
-    """Negative mean IWAE_k bound (k = ``num_samples``), for IWAE training.
+    """Negative mean IWAE_k bound (k = ``num_samples``), for IWAE training (``step`` unused).
 
     Returns:
       ``(loss, aux)`` with ``aux["iwae"]`` the mean bound in nats per example.
     """
+    del step
     bound = iwae_bound(params, key, x, model=model, num_samples=num_samples)
     return -jnp.mean(bound), {"iwae": jnp.mean(bound)}
+
+
+# ---------------------------------------------------------------------------------------
+# Objectives against posterior collapse (Gaussian latents), as functions of the step.
+
+OBJECTIVES = ("elbo", "kl_anneal", "free_bits", "infovae")
+
+
+class Objective(NamedTuple):
+    r"""A training objective of a ``GaussianVAE`` other than the plain ELBO's weighting.
+
+    With :math:`\mathrm{recon}_i`, :math:`\mathrm{kl}_i = \sum_j \mathrm{kl}_{ij}` the terms of
+    the one-sample ELBO and t the global step, the loss per batch is
+
+    * ``"elbo"``: :math:`-\overline{\mathrm{recon}} + \overline{\mathrm{kl}}`;
+    * ``"kl_anneal"``: :math:`-\overline{\mathrm{recon}} + w_t\, \overline{\mathrm{kl}}`,
+      :math:`w_t = \min(1, t / T)` with T = ``anneal_steps`` (Bowman et al. 2016);
+    * ``"free_bits"``: :math:`-\overline{\mathrm{recon}} + \sum_j \max(\lambda,
+      \overline{\mathrm{kl}}_{\cdot j})`, the KL of each dimension averaged over the batch and
+      floored at :math:`\lambda` = ``free_bits`` nats (Kingma et al. 2016);
+    * ``"infovae"``: :func:`emvi.mmd.info_vae_objective` with (alpha, lambda) =
+      (``info_alpha``, ``info_lambda``): the MMD (``mmd_kernel``; IMQ with scale 2 l as in
+      WAE, or RBF with bandwidth 1) between the batch's z ~ q(z|x) and as many prior
+      draws (Zhao, Song & Ermon 2017).
+
+    Overlines are batch means.
+    """
+
+    kind: str = "elbo"
+    anneal_steps: int = 1
+    free_bits: float = 0.0
+    info_alpha: float = 1.0
+    info_lambda: float = 1.0
+    mmd_kernel: str = "imq"
+
+
+def check_objective(objective: Objective) -> Objective:
+    """Validates an :class:`Objective` eagerly.
+
+    Raises:
+      ValueError: on an unknown kind or kernel, ``anneal_steps < 1``, ``free_bits < 0`` or
+        InfoVAE weights that make a KL or MMD weight negative.
+    """
+    _checks.check_choice(objective.kind, name="kind", choices=OBJECTIVES)
+    _checks.check_positive_int(objective.anneal_steps, name="anneal_steps")
+    _checks.check_nonnegative(objective.free_bits, name="free_bits")
+    _checks.check_choice(objective.mmd_kernel, name="mmd_kernel", choices=("rbf", "imq"))
+    mmd.info_vae_weights(alpha=objective.info_alpha, lam=objective.info_lambda)
+    return objective
+
+
+def objective_loss(
+    params: VAEParams,
+    key: Array,
+    x: Float[Array, "n d"],
+    step: Int[Array, ""] | int = 0,
+    *,
+    model: GaussianVAE,
+    objective: Objective,
+) -> tuple[Array, dict]:
+    """The loss of ``objective`` at global step ``step`` (see :class:`Objective`).
+
+    ``key`` is split in two, the first half for the one draw z ~ q(z|x) per example
+    (:func:`emvi.elbo.reparameterize`), the second for InfoVAE's prior draws, so every kind
+    sees the same z for the same key (common random numbers across objectives). The KL is
+    taken per dimension (free bits needs it so) and summed.
+
+    Returns:
+      ``(loss, aux)``; ``aux`` holds the batch means ``elbo``, ``recon`` and ``kl`` (with KL
+      weight 1, whatever the objective), plus ``kl_weight`` (kl_anneal) or ``mmd``
+      (infovae).
+    """
+    k_z, k_prior = jax.random.split(key)
+    mean, scale = _posterior_params(params, x, model)
+    z, _ = elbo.reparameterize(k_z, mean, scale, None)  # one draw per example, (n, l)
+    recon = model.decoder.apply(params.decoder, z, x, method="log_prob")
+    kl_dims = elbo.standard_normal_kl(mean[..., None], scale[..., None])  # (n, l)
+    kl = jnp.sum(kl_dims, axis=-1)
+    aux = {"elbo": jnp.mean(recon - kl), "recon": jnp.mean(recon), "kl": jnp.mean(kl)}
+    kind = objective.kind
+    if kind == "elbo":
+        loss = -jnp.mean(recon - kl)
+    elif kind == "kl_anneal":
+        t = jnp.asarray(step).astype(recon.dtype)
+        weight = jnp.minimum(1.0, t / objective.anneal_steps)
+        loss = -jnp.mean(recon) + weight * jnp.mean(kl)
+        aux["kl_weight"] = weight
+    elif kind == "free_bits":
+        floored = jnp.maximum(objective.free_bits, jnp.mean(kl_dims, axis=0))
+        loss = -jnp.mean(recon) + jnp.sum(floored)
+    elif kind == "infovae":
+        prior = jax.random.normal(k_prior, z.shape, z.dtype)
+        bandwidth = 2.0 * z.shape[-1] if objective.mmd_kernel == "imq" else 1.0
+        d = mmd.mmd_unbiased(z, prior, kernel=objective.mmd_kernel, bandwidth=bandwidth)
+        loss = mmd.info_vae_objective(
+            recon, kl, d, alpha=objective.info_alpha, lam=objective.info_lambda
+        )
+        aux["mmd"] = d
+    else:
+        raise ValueError(f"objective.kind must be one of {OBJECTIVES}; got {kind!r}.")
+    return loss, aux
 
 
 def _one_hot_codes(model: CategoricalVAE, dtype) -> Array:
@@ -357,16 +493,17 @@ def categorical_elbo_loss(
     params: VAEParams,
     key: Array | None,
     x: Float[Array, "n d"],
+    step: Int[Array, ""] | int = 0,
     *,
     model: CategoricalVAE,
     beta: float | Array = 1.0,
 ) -> tuple[Array, dict]:
-    r"""Negative mean exact ELBO of a ``CategoricalVAE`` (``key`` is unused: no sampling).
+    r"""Negative mean exact ELBO of a ``CategoricalVAE`` (``key`` and ``step`` are unused).
 
     .. math:: \mathcal{L} = -\frac1n \sum_i \Big(\sum_k q(k|x_i)\log p(x_i|k)
               - \beta\,\mathrm{KL}(q(\cdot|x_i) \,\|\, \mathrm{U}\{1..m\})\Big).
     """
-    del key
+    del key, step
     terms = categorical_elbo_terms(params, x, model=model)
     loss = -jnp.mean(terms["recon"] - beta * terms["kl"])
     return loss, {k: jnp.mean(v) for k, v in terms.items() if k != "probs"}
@@ -382,21 +519,30 @@ def categorical_exact_log_likelihood(
 def loss_fn(
     model: Model,
     *,
-    objective: str = "elbo",
+    objective: str | Objective = "elbo",
     num_samples: int = 1,
     beta: float = 1.0,
     analytic_kl: bool = True,
 ):
-    """Binds a model and objective into ``loss(params, key, batch) -> (loss, aux)``.
+    """Binds a model and objective into ``loss(params, key, batch, step) -> (loss, aux)``.
 
     Args:
       model: a ``GaussianVAE`` or ``CategoricalVAE``.
-      objective: ``"elbo"`` (Monte Carlo ELBO for Gaussian latents, the exact enumerated
-        ELBO for categorical ones) or ``"iwae"`` (Gaussian latents only, k = num_samples).
+      objective: ``"elbo"`` (Monte Carlo beta-ELBO with ``num_samples`` draws for Gaussian
+        latents, the exact enumerated ELBO for categorical ones), ``"iwae"`` (Gaussian
+        latents only, k = num_samples), or an :class:`Objective` (KL annealing, free bits,
+        InfoVAE; Gaussian latents only).
+
+    Raises:
+      ValueError: on an unknown objective or one the model cannot take.
     """
-    _checks.check_choice(objective, name="objective", choices=("elbo", "iwae"))
     num_samples = _checks.check_positive_int(num_samples, name="num_samples")
     beta = _checks.check_nonnegative(beta, name="beta")
+    if isinstance(objective, Objective):
+        if not isinstance(model, GaussianVAE):
+            raise ValueError("an Objective needs a GaussianVAE; a CategoricalVAE takes 'elbo'.")
+        return functools.partial(objective_loss, model=model, objective=check_objective(objective))
+    _checks.check_choice(objective, name="objective", choices=("elbo", "iwae"))
     if isinstance(model, CategoricalVAE):
         if objective != "elbo":
             raise ValueError("a CategoricalVAE is trained on its exact ELBO; use objective='elbo'.")
@@ -448,7 +594,7 @@ def fit_vae(
     batch_size: int,
     num_epochs: int,
     params: VAEParams | None = None,
-    objective: str = "elbo",
+    objective: str | Objective = "elbo",
     num_samples: int = 1,
     beta: float = 1.0,
     analytic_kl: bool = True,
@@ -625,3 +771,133 @@ def log_likelihood(
         sample_chunk=min(sample_chunk, num_samples),
         data_chunk=data_chunk,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: the numbers an experiment reports for a trained VAE.
+
+
+def elbo_eval_fn(model: Model, x, key: Array, *, num_samples: int = 10):
+    """``eval_fn(params) -> {"test_elbo", "test_kl"}`` for ``emvi.train.fit``'s ``eval_fn``:
+    the mean ELBO and KL on ``x`` (exact for a ``CategoricalVAE``; ``num_samples`` draws
+    from ``key`` for a ``GaussianVAE``), jitted once."""
+    x = jnp.asarray(check_data(x, model=model))
+
+    @jax.jit
+    def aux(params):
+        xx = x.astype(_params_dtype(params))
+        if isinstance(model, CategoricalVAE):
+            return categorical_elbo_loss(params, key, xx, model=model)[1]
+        return elbo_loss(params, key, xx, model=model, num_samples=num_samples)[1]
+
+    def eval_fn(params):
+        out = aux(params)
+        return {"test_elbo": out["elbo"], "test_kl": out["kl"]}
+
+    return eval_fn
+
+
+def _sem(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+
+
+def _reconstruction_error(key: Array, params: VAEParams, x, model: Model) -> float:
+    """Mean over examples of sum_j (x_j - E[x_j | z])^2 with one z ~ q(z | x)."""
+    recon = reconstruct(key, params, x, model=model)
+    return float(jnp.mean(jnp.sum(jnp.square(recon - jnp.asarray(x)), axis=-1)))
+
+
+def evaluate_gaussian(
+    key: Array, params: VAEParams, test_x, train_x, *, model: GaussianVAE, num_samples: int = 5000
+) -> dict:
+    """Test and train ELBO, test log-likelihood and latent usage of a ``GaussianVAE``.
+
+    ``key`` is split in five: [0] the Monte Carlo ELBO (100 draws on ``test_x``, 10 on
+    ``train_x``), [1] the IWAE estimate of log p(x) with ``num_samples`` importance
+    samples (:func:`log_likelihood`), [2] the mutual information, [3] the reconstruction
+    error (``emvi.metrics``).
+
+    Returns:
+      A dict of floats (and ``kl_per_dim``, a list): ``test_elbo``, ``test_recon_log_lik``,
+      ``test_kl``, ``train_elbo``, ``test_log_likelihood`` and its standard error
+      ``test_log_likelihood_sem``, ``active_units``, ``kl_per_dim``,
+      ``mutual_information``, ``reconstruction_error`` and how each was computed.
+    """
+    from emvi import metrics
+
+    keys = jax.random.split(key, 5)
+    dtype = _params_dtype(params)
+    test = jnp.asarray(check_data(test_x, model=model), dtype)
+    train = jnp.asarray(check_data(train_x, model=model, name="train_x"), dtype)
+    elbo_aux = jax.jit(
+        lambda p, k, x, s: elbo_loss(p, k, x, model=model, num_samples=s)[1], static_argnums=3
+    )
+    aux_test = elbo_aux(params, keys[0], test, 100)
+    aux_train = elbo_aux(params, keys[0], train, 10)
+    tic = time.perf_counter()
+    log_lik = np.asarray(
+        log_likelihood(keys[1], params, test_x, model=model, num_samples=num_samples)
+    )
+    ll_time = time.perf_counter() - tic
+    means, scales = encode(params, test_x, model=model)
+    return {
+        "test_elbo": float(aux_test["elbo"]),
+        "test_recon_log_lik": float(aux_test["recon"]),
+        "test_kl": float(aux_test["kl"]),
+        "train_elbo": float(aux_train["elbo"]),
+        "test_log_likelihood": float(np.mean(log_lik)),
+        "test_log_likelihood_sem": _sem(log_lik),
+        "log_likelihood_method": f"IWAE importance sampling, k={num_samples}",
+        "log_likelihood_time_s": ll_time,
+        "active_units": int(metrics.active_units(means)),
+        "latent_dim": model.latent_dim,
+        "kl_per_dim": np.asarray(metrics.kl_per_dim(means, scales)).tolist(),
+        "mutual_information": float(metrics.mutual_information(keys[2], means, scales)),
+        "mutual_information_num_points": int(means.shape[0]),
+        "reconstruction_error": _reconstruction_error(keys[3], params, test_x, model),
+    }
+
+
+def evaluate_categorical(
+    key: Array, params: VAEParams, test_x, train_x, *, model: CategoricalVAE
+) -> dict:
+    """Exact test/train ELBO and log-likelihood, class usage and exact I(x; k) under q.
+
+    ``key`` is split in two: [1] drives the reconstruction error (nothing else is sampled).
+
+    Returns:
+      The keys of :func:`evaluate_gaussian`, with ``active_units`` the classes whose mean
+      q(k|x) over the test set exceeds 0.01 and the exact mutual information
+      :math:`H(\\bar q) - \\overline{H(q)}`.
+    """
+    keys = jax.random.split(key, 2)
+    dtype = _params_dtype(params)
+    test = jnp.asarray(check_data(test_x, model=model), dtype)
+    train = jnp.asarray(check_data(train_x, model=model, name="train_x"), dtype)
+    elbo_terms = jax.jit(lambda p, x: categorical_elbo_terms(p, x, model=model))
+    terms = elbo_terms(params, test)
+    train_elbo = float(jnp.mean(elbo_terms(params, train)["elbo"]))
+    log_lik = np.asarray(log_likelihood(keys[0], params, test_x, model=model))
+    probs = np.asarray(terms["probs"], np.float64)
+    mean_q = probs.mean(axis=0)
+
+    def entropy(p):
+        return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
+
+    return {
+        "test_elbo": float(jnp.mean(terms["elbo"])),
+        "test_recon_log_lik": float(jnp.mean(terms["recon"])),
+        "test_kl": float(jnp.mean(terms["kl"])),
+        "train_elbo": train_elbo,
+        "test_log_likelihood": float(np.mean(log_lik)),
+        "test_log_likelihood_sem": _sem(log_lik),
+        "log_likelihood_method": "exact: logsumexp over the m classes",
+        "active_units": int(np.sum(mean_q > 0.01)),
+        "active_units_definition": "classes with average q(k|x) > 0.01 over the test set",
+        "num_classes": model.num_classes,
+        "kl_per_dim": [float(jnp.mean(terms["kl"]))],
+        "mutual_information": float(entropy(mean_q) - np.mean(entropy(probs))),
+        "mutual_information_definition": "exact H(mean_x q(k|x)) - mean_x H(q(k|x))",
+        "mutual_information_num_points": int(probs.shape[0]),
+        "reconstruction_error": _reconstruction_error(keys[1], params, test_x, model),
+    }

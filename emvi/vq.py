@@ -12,8 +12,12 @@ Seen from EM: the nearest-code assignment is a *hard E-step*, and moving each co
 mean of the encoder outputs assigned to it is the *M-step* of k-means. :func:`ema_update`
 does exactly that with exponential moving averages (online k-means).
 
+The VQ-VAE itself (:class:`VQVAE`: an encoder whose output is cut into ``groups`` vectors,
+each quantised with a shared codebook, and any decoder with ``log_prob(z, x)``) and its loss
+(:func:`vqvae_loss`) close the module.
+
 Shape letters: ``n`` encoder outputs (vectors to quantise), ``l`` code dimension, ``m``
-codebook size.
+codebook size, ``g`` codes per data point.
 
 Example:
   >>> codebook = jnp.array([[0.0, 0.0], [1.0, 1.0]])
@@ -24,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -324,3 +330,130 @@ class VectorQuantizer(nn.Module):
             "dead_codes": dead_codes(indices, self.num_codes),
         }
         return straight_through(z_e, z_q), aux
+
+
+# ---------------------------------------------------------------------------------------
+# The VQ-VAE
+
+
+class VQVAEParams(NamedTuple):
+    """Parameters of a :class:`VQVAE`: encoder, quantizer (the codebook) and decoder."""
+
+    encoder: Any
+    vq: Any
+    decoder: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAE:
+    r"""A VQ-VAE with ``groups`` codes per data point from one shared codebook.
+
+    The encoder maps x (n, d) to (n, g * l); its output is cut into g vectors of size l,
+    each is replaced by its nearest code, and the decoder reads the (n, g * l) quantised
+    vector. With a uniform prior over the :math:`m^g` code tuples and the point-mass
+    posterior, :math:`\mathrm{ELBO}(x) = \log p(x \mid z_q) - g \log m`
+    (:func:`vqvae_elbo`).
+
+    Attributes:
+      encoder: a flax Module with (g * l) outputs (e.g. ``emvi.nn.MLP``).
+      quantizer: a :class:`VectorQuantizer` (its ``code_dim`` is l; ``ema=False``).
+      decoder: a decoder with ``data_dim``, ``log_prob(z, x)`` and ``sample(key, z)``
+        (``emvi.nn.BernoulliDecoder``, ``MADEDecoder``, ...).
+      groups: g >= 1.
+    """
+
+    encoder: nn.Module
+    quantizer: VectorQuantizer
+    decoder: nn.Module
+    groups: int
+
+    def __post_init__(self):
+        _checks.check_positive_int(self.groups, name="groups")
+        if self.quantizer.ema:
+            raise ValueError(
+                "VQVAE trains the codebook by its loss; use a quantizer with ema=False."
+            )
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.decoder.data_dim)
+
+    def init(self, key: Array) -> VQVAEParams:
+        """Float32 parameters; the decoder is initialised through ``log_prob(z, x)``."""
+        k_enc, k_vq, k_dec = jax.random.split(key, 3)
+        x0 = jnp.zeros((1, self.data_dim), jnp.float32)
+        code_dim = self.quantizer.code_dim
+        z0 = jnp.zeros((1, self.groups * code_dim), jnp.float32)
+        return VQVAEParams(
+            self.encoder.init(k_enc, x0),
+            self.quantizer.init(k_vq, jnp.zeros((1, code_dim), jnp.float32)),
+            self.decoder.init(k_dec, z0, x0, method="log_prob"),
+        )
+
+
+def vqvae_encode(params: VQVAEParams, x: Float[Array, "n d"], *, model: VQVAE) -> Array:
+    """Encoder outputs as (n * g, l) vectors, the rows of data point i being i*g .. i*g+g-1."""
+    z_e = model.encoder.apply(params.encoder, x)
+    return z_e.reshape(x.shape[0] * model.groups, -1)
+
+
+def vqvae_assign(
+    params: VQVAEParams, x: Float[Array, "n d"], *, model: VQVAE
+) -> tuple[Float[Array, "ng l"], Int[Array, " ng"]]:
+    """The encoder outputs (n * g, l) and the index of each one's nearest code (hard E-step)."""
+    z_e = vqvae_encode(params, x, model=model)
+    _, idx, _ = quantize(z_e, params.vq["params"]["codebook"])
+    return z_e, idx
+
+
+def vqvae_log_likelihood(
+    params: VQVAEParams, x: Float[Array, "n d"], *, model: VQVAE
+) -> Float[Array, " n"]:
+    r""":math:`\log p(x \mid z_q(x))` per data point, with the nearest codes."""
+    z_e = vqvae_encode(params, x, model=model)
+    z_q, _, _ = quantize(z_e, params.vq["params"]["codebook"])
+    return model.decoder.apply(params.decoder, z_q.reshape(x.shape[0], -1), x, method="log_prob")
+
+
+def vqvae_elbo(log_likelihood: Array | float, *, groups: int, num_codes: int) -> Array | float:
+    r""":math:`\log p(x \mid z_q) - g \log m`: the ELBO under a uniform prior on code tuples."""
+    return log_likelihood - groups * math.log(num_codes)
+
+
+def vqvae_loss(
+    params: VQVAEParams,
+    key: Array | None,
+    batch: Float[Array, "b d"],
+    step: Int[Array, ""] | int = 0,
+    *,
+    model: VQVAE,
+) -> tuple[Array, dict]:
+    r"""The VQ-VAE loss, :math:`-\overline{\log p(x \mid z_q)} + \|\mathrm{sg}[z_e] - e\|^2 +
+    \beta \|z_e - \mathrm{sg}[e]\|^2` (``key`` and ``step`` unused: nothing is sampled).
+
+    Returns:
+      ``(loss, aux)`` in the ``emvi.train.fit`` form; aux has the batch means ``recon`` and
+      ``vq_loss``, the batch's code ``perplexity`` and ``dead_codes`` (as a float).
+    """
+    del key, step
+    z_e = vqvae_encode(params, batch, model=model)
+    z_q, aux = model.quantizer.apply(params.vq, z_e)
+    recon = model.decoder.apply(
+        params.decoder, z_q.reshape(batch.shape[0], -1), batch, method="log_prob"
+    )
+    loss = -jnp.mean(recon) + aux["loss"]
+    return loss, {
+        "recon": jnp.mean(recon),
+        "vq_loss": aux["loss"],
+        "perplexity": aux["perplexity"],
+        "dead_codes": aux["dead_codes"].astype(recon.dtype),
+    }
+
+
+def vqvae_sample(key: Array, params: VQVAEParams, *, model: VQVAE, num: int) -> Array:
+    """Draws ``num`` code tuples uniformly and x ~ p(x | z_q) for each, shape (num, d)."""
+    k_idx, k_x = jax.random.split(key)
+    codebook = params.vq["params"]["codebook"]
+    idx = jax.random.randint(k_idx, (num, model.groups), 0, codebook.shape[0])
+    z = codebook[idx].reshape(num, -1)
+    return model.decoder.apply(params.decoder, k_x, z, method="sample")

@@ -5,52 +5,48 @@ enough to model x on its own, maximising the ELBO leaves latent dimensions unuse
 the KL term pulls every q(z|x) to the prior; an objective that matches only the *aggregate*
 posterior to the prior (InfoVAE / MMD) keeps the code informative.
 
-Every model has the same Gaussian encoder (an ``emvi.nn.GaussianEncoder``) and the same
-autoregressive decoder p(x|z) = prod_i Bernoulli(x_i | x_<i, z), a MADE-style masked MLP
-conditioned on z (defined here; a factorised MLP decoder is available for comparison).
-They differ only in the objective, all trained with ``emvi.train.fit`` for the same number
-of epochs:
+Every model is an ``emvi.vae.GaussianVAE`` with the same Gaussian encoder and the same
+autoregressive decoder p(x|z) = prod_i Bernoulli(x_i | x_<i, z) (``emvi.nn.MADEDecoder``;
+``--decoder mlp`` takes the factorised ``emvi.nn.BernoulliDecoder`` instead). They differ
+only in the objective (``emvi.vae.Objective``), all trained with ``emvi.train.fit`` for the
+same number of epochs:
 
 * ``vae``: the ELBO, recon - KL;
-* ``kl_anneal``: recon - w_t KL with w_t rising linearly from 0 to 1 over
-  ``anneal_epochs`` (the step count lives in the params, see ``_step_counter``);
+* ``kl_anneal``: recon - w_t KL with w_t = min(1, t / T) rising over ``anneal_epochs``;
 * ``free_bits``: recon - sum_j max(lambda, KL_j), KL_j the batch-mean KL of dimension j
   (Kingma et al. 2016);
 * ``infovae``: ``emvi.mmd.info_vae_objective`` with (alpha, lambda), the MMD (IMQ kernel)
   between one z ~ q(z|x) per batch example and as many prior draws.
 
-Beside them, a VQ-VAE (``emvi.vq.VectorQuantizer``; deterministic encoder, ``vq_groups``
-codes per image from a shared codebook, the same MADE decoder), with and without dead-code
-restarts; its ELBO under a uniform prior over code tuples is recon - groups * log m.
+Beside them, a VQ-VAE (``emvi.vq.VQVAE``; deterministic encoder, ``vq_groups`` codes per
+image from a shared codebook, the same MADE decoder), with and without dead-code restarts;
+its ELBO under a uniform prior over code tuples is recon - groups * log m.
 
 Test-set metrics (digits-bin protocol, 297 test images): log-likelihood by importance
-sampling (IWAE with ``ll_samples`` samples, ``emvi.elbo.estimate_log_likelihood``), the
-ELBO, active units, KL per dimension, mutual information (``emvi.metrics``).
+sampling (IWAE with ``ll_samples`` samples, ``emvi.vae.iwae_bound``), the ELBO, active
+units, KL per dimension, mutual information (``emvi.metrics``).
 
 Usage:
   python experiments/collapse.py --workdir runs/collapse --overwrite
   python experiments/collapse.py --workdir runs/collapse_quick --num-epochs 20 --seeds 0
+  python experiments/collapse.py plot runs/collapse      # remake the figures
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import json
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import distrax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from tqdm.auto import tqdm
 
-from emvi import _checks, elbo, metrics, mmd, runs, train, vq
+from emvi import _checks, elbo, metrics, plotting, runs, train, vae, vq
 from emvi import nn as enn
 from emvi.data import digits_bin
 
@@ -106,226 +102,61 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
-# The decoder: MADE conditioned on z.
+# Gaussian-latent models: one GaussianVAE, four objectives.
 
 
-def _made_degrees(size: int, data_dim: int) -> np.ndarray:
-    """Hidden-unit degrees 1..d-1, cycled (Germain et al. 2015, deterministic variant)."""
-    return np.arange(size) % max(data_dim - 1, 1) + 1
-
-
-class MADEDecoder(nn.Module):
-    r"""Autoregressive Bernoulli decoder :math:`p(x|z) = \prod_i p(x_i \mid x_{<i}, z)`.
-
-    Masked dense layers (MADE) over the pixels in raster order; z enters every hidden layer
-    and the output through unmasked dense layers; a direct masked x -> logits connection
-    is added. ``__call__(z, x)`` returns the d logits, logit i depending on x_<i only.
-    """
-
-    data_dim: int
-    hidden: tuple[int, ...] = (256,)
-
-    @nn.compact
-    def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
-        d = self.data_dim
-        in_deg = np.arange(1, d + 1)
-        h, prev = x, in_deg
-        for i, size in enumerate(self.hidden):
-            deg = _made_degrees(size, d)
-            h = _masked_dense(self, h, deg[None, :] >= prev[:, None], f"masked_{i}")
-            h = nn.relu(h + nn.Dense(size, name=f"cond_{i}")(z))
-            prev = deg
-        logits = _masked_dense(self, h, in_deg[None, :] > prev[:, None], "masked_out")
-        direct = _masked_dense(self, x, in_deg[None, :] > in_deg[:, None], "direct", bias=False)
-        return logits + direct + nn.Dense(d, name="cond_out")(z)
-
-    def log_prob(self, z: jax.Array, x: jax.Array) -> jax.Array:
-        """log p(x|z) summed over pixels; x is broadcast to z's batch shape."""
-        x = jnp.broadcast_to(x, (*z.shape[:-1], self.data_dim)).astype(z.dtype)
-        return enn.bernoulli_log_prob(self(z, x), x)
-
-    def sample(self, key: jax.Array, z: jax.Array) -> jax.Array:
-        """Draws x ~ p(x|z) pixel by pixel (d passes)."""
-        keys = jax.random.split(key, self.data_dim)
-        x0 = jnp.zeros((*z.shape[:-1], self.data_dim), z.dtype)
-
-        def body(i, x):
-            p = jax.nn.sigmoid(self(z, x)[..., i])
-            xi = jax.random.bernoulli(keys[i], p).astype(z.dtype)
-            return x.at[..., i].set(xi)
-
-        return jax.lax.fori_loop(0, self.data_dim, body, x0)
-
-
-def _masked_dense(module, x, mask: np.ndarray, name: str, *, bias: bool = True):
-    kernel = module.param(f"{name}_kernel", nn.initializers.lecun_normal(), mask.shape, jnp.float32)
-    out = x @ (kernel * jnp.asarray(mask, kernel.dtype)).astype(x.dtype)
-    if bias:
-        b = module.param(f"{name}_bias", nn.initializers.zeros_init(), mask.shape[1:])
-        out = out + b.astype(x.dtype).reshape((1,) * (out.ndim - 1) + b.shape)
-    return out
-
-
-class FactorisedDecoder(nn.Module):
-    """emvi.nn.BernoulliDecoder behind the (z, x) interface of MADEDecoder."""
-
-    data_dim: int
-    hidden: tuple[int, ...] = (256,)
-
-    def setup(self):
-        self.net = enn.BernoulliDecoder(self.hidden, self.data_dim)
-
-    def __call__(self, z, x):
-        del x
-        return self.net(z)
-
-    def log_prob(self, z, x):
-        x = jnp.broadcast_to(x, (*z.shape[:-1], self.data_dim)).astype(z.dtype)
-        return enn.bernoulli_log_prob(self.net(z), x)
-
-    def sample(self, key, z):
-        return self.net.sample(key, z)
-
-
-def make_decoder(cfg: Config) -> nn.Module:
+def make_decoder(cfg: Config):
     _checks.check_choice(cfg.decoder, name="decoder", choices=("made", "mlp"))
-    cls = MADEDecoder if cfg.decoder == "made" else FactorisedDecoder
-    return cls(data_dim=64, hidden=tuple(cfg.decoder_hidden))
+    if cfg.decoder == "made":
+        return enn.MADEDecoder(data_dim=64, hidden=tuple(cfg.decoder_hidden))
+    return enn.BernoulliDecoder(tuple(cfg.decoder_hidden), 64)
 
 
-# ---------------------------------------------------------------------------------------
-# Gaussian-latent models and their objectives.
-
-
-class VAEParams(NamedTuple):
-    encoder: Any
-    decoder: Any
-    step: jax.Array  # float32 count of updates so far (drives the KL warm-up)
-
-
-class Models(NamedTuple):
-    encoder: enn.GaussianEncoder
-    decoder: nn.Module
-
-
-def _step_counter() -> optax.GradientTransformation:
-    """An optax transformation that adds 1 to its leaves at every update (gradients ignored).
-
-    ``fit`` hands the loss only the params, so a schedule over steps (the KL warm-up) reads
-    its step from a params leaf advanced by this transformation.
-    """
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(jnp.ones_like, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    labels = VAEParams("net", "net", "count")
-    return optax.multi_transform(
-        {"net": optax.adam(learning_rate), "count": _step_counter()}, labels
+def objective(method: str, cfg: Config) -> vae.Objective:
+    """The ``emvi.vae.Objective`` of a method (``vae`` is the plain ELBO)."""
+    steps_per_epoch = digits_bin().train_x.shape[0] // cfg.batch_size
+    return vae.Objective(
+        kind="elbo" if method == "vae" else method,
+        anneal_steps=max(1, cfg.anneal_epochs * steps_per_epoch),
+        free_bits=cfg.free_bits,
+        info_alpha=cfg.info_alpha,
+        info_lambda=cfg.info_lambda,
+        mmd_kernel=cfg.mmd_kernel,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("models", "latent_dim"))
-def init_vae(key, models: Models, latent_dim: int) -> VAEParams:
-    """Initial parameters (jitted: one compilation instead of one per initializer shape)."""
-    k_enc, k_dec = jax.random.split(key)
-    x = jnp.zeros((1, 64), jnp.float32)
-    z = jnp.zeros((1, latent_dim), jnp.float32)
-    return VAEParams(
-        models.encoder.init(k_enc, x),
-        models.decoder.init(k_dec, z, x),
-        jnp.zeros((), jnp.float32),
+@functools.cache
+def _vae_setup(method: str, cfg: Config):
+    """Model, bound loss and optimizer of a method: the same objects for every seed, so
+    ``fit``'s jitted epoch is compiled once per method."""
+    model = vae.GaussianVAE(
+        enn.GaussianEncoder(tuple(cfg.encoder_hidden), cfg.latent_dim), make_decoder(cfg)
     )
+    loss = vae.loss_fn(model, objective=objective(method, cfg))
+    return model, loss, optax.adam(cfg.learning_rate)
 
 
-def _kl_per_dim(mean, scale):
-    """Per-example, per-dimension KL(q || N(0, 1)), shape (n, l)."""
-    return elbo.standard_normal_kl(mean[..., None], scale[..., None])
-
-
-def vae_loss(
-    params: VAEParams,
-    key,
-    batch,
-    *,
-    models: Models,
-    method: str,
-    anneal_steps: int,
-    free_bits: float,
-    alpha: float,
-    lam: float,
-    kernel: str,
-):
-    """One of the four objectives; aux holds the ELBO pieces (always with KL weight 1)."""
-    k_z, k_prior = jax.random.split(key)
-    mean, scale = models.encoder.apply(params.encoder, batch)
-    z = mean + scale * jax.random.normal(k_z, mean.shape, mean.dtype)
-    recon = models.decoder.apply(params.decoder, z, batch, method="log_prob")
-    kl_dims = _kl_per_dim(mean, scale)
-    kl = jnp.sum(kl_dims, axis=-1)
-    aux = {"elbo": jnp.mean(recon - kl), "recon": jnp.mean(recon), "kl": jnp.mean(kl)}
-    if method == "vae":
-        loss = -jnp.mean(recon - kl)
-    elif method == "kl_anneal":
-        weight = jnp.minimum(1.0, jax.lax.stop_gradient(params.step) / anneal_steps)
-        loss = -jnp.mean(recon) + weight * jnp.mean(kl)
-        aux["kl_weight"] = weight
-    elif method == "free_bits":
-        floored = jnp.maximum(free_bits, jnp.mean(kl_dims, axis=0))
-        loss = -jnp.mean(recon) + jnp.sum(floored)
-    elif method == "infovae":
-        prior = jax.random.normal(k_prior, z.shape, z.dtype)
-        bandwidth = 2.0 * z.shape[-1] if kernel == "imq" else 1.0
-        d = mmd.mmd_unbiased(z, prior, kernel=kernel, bandwidth=bandwidth)
-        loss = mmd.info_vae_objective(recon, kl, d, alpha=alpha, lam=lam)
-        aux["mmd"] = d
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return loss, aux
-
-
-@functools.partial(jax.jit, static_argnames=("models", "num_samples"))
-def _eval_elbo(params, key, x, *, models, num_samples):
-    mean, scale = models.encoder.apply(params.encoder, x)
-    eps = jax.random.normal(key, (num_samples, *mean.shape), mean.dtype)
-    z = mean[None] + scale[None] * eps
-    recon = jnp.mean(models.decoder.apply(params.decoder, z, x[None], method="log_prob"), 0)
-    kl = elbo.standard_normal_kl(mean, scale)
+@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
+def _test_terms(params, key, x, *, model, num_samples):
+    """ELBO terms (``emvi.elbo.gaussian_elbo_terms``) and q's mean and scale, one program."""
+    mean, scale = model.encoder.apply(params.encoder, x)
+    log_lik = lambda z: model.decoder.apply(params.decoder, z, x[None], method="log_prob")
+    recon, kl = elbo.gaussian_elbo_terms(key, log_lik, mean, scale, num_samples=num_samples)
     return recon, kl, mean, scale
 
 
-def _std_normal_log_prob(z):
-    return jnp.sum(-0.5 * jnp.square(z) - 0.5 * math.log(2 * math.pi), axis=-1)
+_iwae = jax.jit(vae.iwae_bound, static_argnames=("model", "num_samples", "chunk_size"))
 
 
-@functools.partial(jax.jit, static_argnames=("models", "num_samples", "chunk"))
-def _iwae_log_likelihood(params, key, x, *, models, num_samples, chunk):
-    """Per-example IWAE estimate of log p(x) (``emvi.elbo.iwae_bound``), params traced so
-    one compilation serves every method and seed."""
-    mean, scale = models.encoder.apply(params.encoder, x)
-    posterior = distrax.MultivariateNormalDiag(mean, scale)
-
-    def log_joint(z):
-        lp = models.decoder.apply(params.decoder, z, x[None], method="log_prob")
-        return lp + _std_normal_log_prob(z)
-
-    return elbo.iwae_bound(key, posterior, log_joint, num_samples=num_samples, chunk_size=chunk)
-
-
-def evaluate_vae(key, params: VAEParams, models: Models, test_x, cfg: Config) -> dict:
+def evaluate_vae(key, params: vae.VAEParams, model: vae.GaussianVAE, test_x, cfg: Config) -> dict:
     """Test-set ELBO, IWAE log-likelihood and the latent-usage diagnostics."""
     k_elbo, k_mi, k_ll = jax.random.split(key, 3)
     x = jnp.asarray(test_x, jnp.float32)
-    recon, kl, mean, scale = _eval_elbo(
-        params, k_elbo, x, models=models, num_samples=cfg.elbo_samples
+    recon, kl, mean, scale = _test_terms(
+        params, k_elbo, x, model=model, num_samples=cfg.elbo_samples
     )
-    ll = _iwae_log_likelihood(
-        params, k_ll, x, models=models, num_samples=cfg.ll_samples, chunk=min(100, cfg.ll_samples)
-    )
+    chunk = min(100, cfg.ll_samples)
+    ll = _iwae(params, k_ll, x, model=model, num_samples=cfg.ll_samples, chunk_size=chunk)
     kl_dims = metrics.kl_per_dim(mean, scale)
     return {
         "log_likelihood": float(jnp.mean(ll)),
@@ -339,34 +170,6 @@ def evaluate_vae(key, params: VAEParams, models: Models, test_x, cfg: Config) ->
     }
 
 
-@functools.partial(jax.jit, static_argnames=("models", "num", "latent_dim"))
-def _sample_vae(key, params, *, models, num, latent_dim):
-    k_z, k_x = jax.random.split(key)
-    z = jax.random.normal(k_z, (num, latent_dim), jnp.float32)
-    return models.decoder.apply(params.decoder, k_x, z, method="sample")
-
-
-@functools.cache
-def _vae_setup(method: str, cfg: Config):
-    """Models, bound loss and optimizer of a method: the same objects for every seed, so
-    ``fit``'s jitted epoch is compiled once per method."""
-    models = Models(
-        enn.GaussianEncoder(tuple(cfg.encoder_hidden), cfg.latent_dim), make_decoder(cfg)
-    )
-    steps_per_epoch = digits_bin().train_x.shape[0] // cfg.batch_size
-    loss = functools.partial(
-        vae_loss,
-        models=models,
-        method=method,
-        anneal_steps=max(1, cfg.anneal_epochs * steps_per_epoch),
-        free_bits=cfg.free_bits,
-        alpha=cfg.info_alpha,
-        lam=cfg.info_lambda,
-        kernel=cfg.mmd_kernel,
-    )
-    return models, loss, make_optimizer(cfg.learning_rate)
-
-
 def _model_key(cfg: Config) -> Config:
     """The config with the fields that do not change a compiled program blanked out."""
     return dataclasses.replace(
@@ -375,9 +178,9 @@ def _model_key(cfg: Config) -> Config:
 
 
 def run_vae(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.ndarray]:
-    models, loss, optimizer = _vae_setup(method, _model_key(cfg))
+    model, loss, optimizer = _vae_setup(method, _model_key(cfg))
     k_init, k_train, k_eval, k_sample = jax.random.split(jax.random.key(seed), 4)
-    params = init_vae(k_init, models, cfg.latent_dim)
+    params = jax.jit(model.init)(k_init)
     tic = time.perf_counter()
     result = train.fit(
         k_train,
@@ -394,16 +197,12 @@ def run_vae(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.nd
         resume=False,
     )
     train_time = time.perf_counter() - tic
-    out = evaluate_vae(k_eval, result.state.params, models, data.test_x, cfg)
+    out = evaluate_vae(k_eval, result.state.params, model, data.test_x, cfg)
     out["train_time_s"] = train_time
     out["eval_time_s"] = time.perf_counter() - tic - train_time
     out["final_train_loss"] = result.history[-1]["loss"]
-    samples = _sample_vae(
-        k_sample,
-        result.state.params,
-        models=models,
-        num=cfg.num_plot_samples,
-        latent_dim=cfg.latent_dim,
+    samples = vae.generate(
+        k_sample, result.state.params, cfg.num_plot_samples, model=model, sample=True
     )
     return out, np.asarray(samples)
 
@@ -412,79 +211,10 @@ def run_vae(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.nd
 # VQ-VAE.
 
 
-class VQParams(NamedTuple):
-    encoder: Any
-    vq: Any
-    decoder: Any
-
-
-class VQModels(NamedTuple):
-    encoder: enn.MLP
-    quantizer: vq.VectorQuantizer
-    decoder: nn.Module
-    groups: int
-
-
-def _vq_encode(params: VQParams, models: VQModels, x):
-    """Encoder outputs as (n * groups, code_dim) vectors."""
-    z_e = models.encoder.apply(params.encoder, x)
-    return z_e.reshape(x.shape[0] * models.groups, -1)
-
-
-def vq_loss(params: VQParams, key, batch, *, models: VQModels):
-    del key
-    z_e = _vq_encode(params, models, batch)
-    z_q, aux = models.quantizer.apply(params.vq, z_e)
-    recon = models.decoder.apply(
-        params.decoder, z_q.reshape(batch.shape[0], -1), batch, method="log_prob"
-    )
-    loss = -jnp.mean(recon) + aux["loss"]
-    return loss, {
-        "recon": jnp.mean(recon),
-        "vq_loss": aux["loss"],
-        "perplexity": aux["perplexity"],
-        "dead_codes": aux["dead_codes"].astype(jnp.float32),
-    }
-
-
-@functools.partial(jax.jit, static_argnames=("models",))
-def _vq_assign(params: VQParams, x, *, models: VQModels):
-    z_e = _vq_encode(params, models, x)
-    _, idx, _ = vq.quantize(z_e, params.vq["params"]["codebook"])
-    return z_e, idx
-
-
-@functools.partial(jax.jit, static_argnames=("models",))
-def _vq_recon(params: VQParams, x, *, models: VQModels):
-    z_e = _vq_encode(params, models, x)
-    z_q, _, _ = vq.quantize(z_e, params.vq["params"]["codebook"])
-    return models.decoder.apply(params.decoder, z_q.reshape(x.shape[0], -1), x, method="log_prob")
-
-
-@functools.partial(jax.jit, static_argnames=("models", "num"))
-def _sample_vq(key, params: VQParams, *, models: VQModels, num: int):
-    k_idx, k_x = jax.random.split(key)
-    codebook = params.vq["params"]["codebook"]
-    idx = jax.random.randint(k_idx, (num, models.groups), 0, codebook.shape[0])
-    z = codebook[idx].reshape(num, -1)
-    return models.decoder.apply(params.decoder, k_x, z, method="sample")
-
-
-@functools.partial(jax.jit, static_argnames=("models", "code_dim"))
-def _init_vq(key, models: VQModels, code_dim: int) -> VQParams:
-    k_enc, k_vq, k_dec = jax.random.split(key, 3)
-    x0 = jnp.zeros((1, 64), jnp.float32)
-    return VQParams(
-        models.encoder.init(k_enc, x0),
-        models.quantizer.init(k_vq, jnp.zeros((1, code_dim), jnp.float32)),
-        models.decoder.init(k_dec, jnp.zeros((1, models.groups * code_dim), jnp.float32), x0),
-    )
-
-
 @functools.cache
 def _vq_setup(cfg: Config):
-    """Models, jitted epoch and optimizer of the VQ-VAE, shared by every seed."""
-    models = VQModels(
+    """Jitted epoch, optimizer and jitted model functions of the VQ-VAE, shared by seeds."""
+    model = vq.VQVAE(
         enn.MLP((*cfg.encoder_hidden, cfg.vq_groups * cfg.vq_code_dim)),
         vq.VectorQuantizer(num_codes=cfg.vq_num_codes, code_dim=cfg.vq_code_dim, beta=cfg.vq_beta),
         make_decoder(cfg),
@@ -492,20 +222,25 @@ def _vq_setup(cfg: Config):
     )
     optimizer = optax.adam(cfg.learning_rate)
     train_epoch = train.make_train_epoch(
-        functools.partial(vq_loss, models=models), optimizer, batch_size=cfg.batch_size
+        functools.partial(vq.vqvae_loss, model=model), optimizer, batch_size=cfg.batch_size
     )
-    return models, train_epoch, optimizer
+    jitted = {
+        "init": jax.jit(model.init),
+        "assign": jax.jit(functools.partial(vq.vqvae_assign, model=model)),
+        "log_lik": jax.jit(functools.partial(vq.vqvae_log_likelihood, model=model)),
+        "sample": jax.jit(functools.partial(vq.vqvae_sample, model=model), static_argnames="num"),
+    }
+    return train_epoch, optimizer, jitted
 
 
 def run_vq(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.ndarray]:
     """Trains a VQ-VAE with ``emvi.train.make_train_epoch``; restarts dead codes between
     epochs (usage counted on the whole training set) for the first 90% of training when
     ``method == "vqvae_restart"``."""
-    models, train_epoch, optimizer = _vq_setup(_model_key(cfg))
-    groups, code_dim, m = cfg.vq_groups, cfg.vq_code_dim, cfg.vq_num_codes
+    train_epoch, optimizer, fn = _vq_setup(_model_key(cfg))
+    groups, m = cfg.vq_groups, cfg.vq_num_codes
     k_init, k_train, k_restart, k_sample = jax.random.split(jax.random.key(seed), 4)
-    params = _init_vq(k_init, models, code_dim)
-    state = train.init_state(params, optimizer)
+    state = train.init_state(fn["init"](k_init), optimizer)
     train_x = jnp.asarray(data.train_x, jnp.float32)
     restart_until = int(0.9 * cfg.num_epochs) if method == "vqvae_restart" else 0
     restarts = 0
@@ -518,7 +253,7 @@ def run_vq(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.nda
                 raise train.TrainingDivergedError(
                     f"VQ-VAE training diverged in epoch {epoch}.", step=-1, epoch=epoch
                 )
-            z_e, idx = _vq_assign(state.params, train_x, models=models)
+            z_e, idx = fn["assign"](state.params, train_x)
             usage = vq.code_usage(idx, m)
             row["train_dead_codes"] = int(jnp.sum(usage == 0))
             if epoch < restart_until and row["train_dead_codes"] > 0:
@@ -533,13 +268,13 @@ def run_vq(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.nda
             log.write(**row)
     train_time = time.perf_counter() - tic
     test_x = jnp.asarray(data.test_x, jnp.float32)
-    recon = _vq_recon(state.params, test_x, models=models)
-    _, test_idx = _vq_assign(state.params, test_x, models=models)
-    _, train_idx = _vq_assign(state.params, train_x, models=models)
+    recon = fn["log_lik"](state.params, test_x)
+    _, test_idx = fn["assign"](state.params, test_x)
+    _, train_idx = fn["assign"](state.params, train_x)
     tuples = np.asarray(test_idx).reshape(-1, groups)
     out = {
         "recon": float(jnp.mean(recon)),
-        "elbo": float(jnp.mean(recon)) - groups * math.log(m),
+        "elbo": vq.vqvae_elbo(float(jnp.mean(recon)), groups=groups, num_codes=m),
         "perplexity": float(vq.codebook_perplexity(test_idx, m)),
         "dead_codes": int(vq.dead_codes(train_idx, m)),
         "distinct_code_tuples_test": len({tuple(t) for t in tuples.tolist()}),
@@ -547,7 +282,7 @@ def run_vq(method, seed, cfg: Config, data, run_dir: Path) -> tuple[dict, np.nda
         "train_time_s": train_time,
         "final_train_loss": row["loss"],
     }
-    samples = _sample_vq(k_sample, state.params, models=models, num=cfg.num_plot_samples)
+    samples = fn["sample"](k_sample, state.params, num=cfg.num_plot_samples)
     return out, np.asarray(samples)
 
 
@@ -576,10 +311,8 @@ def _check_config(cfg: Config) -> None:
     _checks.check_positive_int(cfg.latent_dim, name="latent_dim")
     _checks.check_positive_int(cfg.ll_samples, name="ll_samples")
     _checks.check_positive(cfg.learning_rate, name="learning_rate")
-    _checks.check_nonnegative(cfg.free_bits, name="free_bits")
-    _checks.check_choice(cfg.mmd_kernel, name="mmd_kernel", choices=("rbf", "imq"))
     _checks.check_choice(cfg.decoder, name="decoder", choices=("made", "mlp"))
-    mmd.info_vae_weights(alpha=cfg.info_alpha, lam=cfg.info_lambda)
+    vae.check_objective(objective("infovae", cfg))  # free bits, kernel, InfoVAE weights
     _checks.check_positive_int(cfg.vq_num_codes, name="vq_num_codes (codebook size)")
 
 
@@ -628,57 +361,34 @@ def main(cfg: Config) -> dict:
 
 def plot(workdir: str | Path) -> list[Path]:
     """Remakes the figures from results.json, samples.npz and the per-run metrics."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     workdir = Path(workdir)
-    results = json.loads((workdir / "results.json").read_text())
-    methods = results["methods"]
+    methods = json.loads((workdir / "results.json").read_text())["methods"]
     written = []
 
     vae_names = [m for m in methods if m in VAE_METHODS]
     if vae_names:
         fig, axes = plt.subplots(1, len(vae_names), figsize=(3.2 * len(vae_names), 3), sharey=True)
-        axes = np.atleast_1d(axes)
-        for ax, name in zip(axes, vae_names, strict=True):
+        for ax, name in zip(np.atleast_1d(axes), vae_names, strict=True):
             rows = methods[name]["per_seed"]
             kl = np.sort(np.asarray([r["kl_per_dim"] for r in rows]), axis=1)[:, ::-1]
-            pos = np.arange(kl.shape[1])
-            ax.bar(pos, kl.mean(0), yerr=kl.std(0), color="C0", alpha=0.8)
+            ax.bar(np.arange(kl.shape[1]), kl.mean(0), yerr=kl.std(0), color="C0", alpha=0.8)
             ax.set_title(f"{name}\nAU={methods[name]['summary']['active_units']['mean']:.1f}")
             ax.set_xlabel("latent dim (sorted)")
-        axes[0].set_ylabel("test KL per dimension (nats)")
-        fig.tight_layout()
-        path = workdir / "kl_per_dim.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        np.atleast_1d(axes)[0].set_ylabel("test KL per dimension (nats)")
+        written.append(plotting.save(fig, workdir / "kl_per_dim.png"))
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for i, name in enumerate(vae_names):
             for j, row in enumerate(methods[name]["per_seed"]):
                 hist = runs.read_metrics(workdir / "runs" / f"{name}_seed{row['seed']}")
-                if hist:
-                    ax.plot(
-                        [h["epoch"] for h in hist],
-                        [h["kl"] for h in hist],
-                        color=f"C{i}",
-                        alpha=0.7,
-                        label=name if j == 0 else None,
-                    )
+                epochs, kls = [h["epoch"] for h in hist], [h["kl"] for h in hist]
+                ax.plot(epochs, kls, color=f"C{i}", alpha=0.7, label=name if j == 0 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel("train KL(q(z|x) || p(z)) (nats)")
         ax.set_yscale("symlog", linthresh=0.1)
         ax.legend()
-        fig.tight_layout()
-        path = workdir / "kl_curves.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(plotting.save(fig, workdir / "kl_curves.png"))
 
     samples_path = workdir / "samples.npz"
     if samples_path.exists():
@@ -686,30 +396,14 @@ def plot(workdir: str | Path) -> list[Path]:
             samples = {k: npz[k] for k in npz.files}
         if samples:
             fig, axes = plt.subplots(1, len(samples), figsize=(2.2 * len(samples), 2.4))
-            axes = np.atleast_1d(axes)
-            for ax, (name, xs) in zip(axes, samples.items(), strict=True):
-                k = math.ceil(math.sqrt(xs.shape[0]))
-                grid = np.full((k * 9 - 1, k * 9 - 1), 0.35)
-                for i, img in enumerate(xs):
-                    r, c = divmod(i, k)
-                    grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = img.reshape(8, 8)
+            for ax, (name, xs) in zip(np.atleast_1d(axes), samples.items(), strict=True):
+                grid = plotting.square_grid(xs, background=0.35)
                 ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
                 ax.set_title(name, fontsize=9)
                 ax.axis("off")
-            fig.tight_layout()
-            path = workdir / "samples.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(plotting.save(fig, workdir / "samples.png"))
     return written
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 2 and sys.argv[1] == "plot":  # remake the figures from a run folder
-        print(plot(sys.argv[2]))
-    else:
-        import tyro
-
-        main(tyro.cli(Config))
+    runs.cli(Config, main, plot)

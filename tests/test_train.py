@@ -45,8 +45,9 @@ def init_params():
     return {"w": jnp.zeros(NUM_FEATURES), "b": jnp.asarray(0.0)}
 
 
-def linear_loss(params, key, batch):
+def linear_loss(params, key, batch, step):
     """Squared error with input noise drawn from the per-step key (so the key matters)."""
+    del step
     x, y = batch[:, :-1], batch[:, -1]
     x = x + 0.01 * jax.random.normal(key, x.shape, x.dtype)
     err = x @ params["w"] + params["b"] - y
@@ -94,9 +95,9 @@ def run(seed=0, loss_fn=linear_loss, **kwargs):
 def test_loss_decreases_compiles_once_and_depends_only_on_seed(capsys):
     traces = []
 
-    def counting_loss(params, key, batch):  # a fresh function: nothing cached for it yet
+    def counting_loss(params, key, batch, step):  # a fresh function: nothing cached for it
         traces.append(batch.shape)
-        return linear_loss(params, key, batch)
+        return linear_loss(params, key, batch, step)
 
     evals = []
 
@@ -176,6 +177,21 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert_trees_equal(again.state, full.state)
 
 
+def step_recording_loss(params, key, batch, step):
+    """Linear loss whose aux reports the step it was given (a schedule's input)."""
+    loss, aux = linear_loss(params, key, batch, step)
+    return loss, {**aux, "t": step.astype(loss.dtype)}
+
+
+def test_loss_receives_the_global_step_also_after_resume(tmp_path):
+    # 4 steps per epoch: epoch e sees steps 4e .. 4e + 3, mean 4e + 1.5, whether it was
+    # trained in one go or after a resume from the checkpoint of epoch 1.
+    run(0, step_recording_loss, num_epochs=2, workdir=tmp_path)
+    resumed = run(0, step_recording_loss, num_epochs=4, workdir=tmp_path)
+    assert [row["t"] for row in resumed.history] == [9.5, 13.5]
+    assert [row["t"] for row in read_metrics(tmp_path)] == [1.5, 5.5, 9.5, 13.5]
+
+
 _CRASH_SCRIPT = """
 import sys, time
 import jax
@@ -240,13 +256,13 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     assert [row["epoch"] for row in read_metrics(workdir)] == list(range(num_epochs))
 
 
-def counter_loss(params, key, batch):
+def counter_loss(params, key, batch, step):
     """Linear loss plus a counter c that rises by exactly 0.125 per step (sgd, lr 0.125).
 
     The loss is NaN from the step where c exceeds 1.0625, that is global step 9 (the
     second step of epoch 2 at 4 steps per epoch); gradients stay finite throughout.
     """
-    loss, aux = linear_loss({"w": params["w"], "b": params["b"]}, key, batch)
+    loss, aux = linear_loss({"w": params["w"], "b": params["b"]}, key, batch, step)
     c = params["c"]
     return loss - c + jnp.where(c > 1.0625, jnp.nan, 0.0), aux
 
@@ -275,7 +291,7 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nonfinite_params_with_finite_losses_raise():
-    def blow_up(params, key, batch):
+    def blow_up(params, key, batch, step):
         # A finite loss (2e300) whose sgd update (1e10 * 1e300) overflows to -inf.
         return jnp.sum(params["w"]) * 1e300, {}
 
