@@ -20,12 +20,22 @@ FLOPs of one emvi iteration (multiply-add = 2 FLOPs), with ``P = d(d+1)/2``:
 * "diag": E-step ``x^2 @ (1/sigma^2)`` and ``x @ (mu/sigma^2)``: 4 n k d; M-step
   ``R^T x^2`` and ``R^T x``: 4 n k d; plus ~8 n k.  Total ``8 n k d + 8 n k``.
 
+* "tied": as "full" (one shared precision, the same two matmuls).
+* "spherical": ``||x||^2`` and ``x`` against k columns each way: ``4 n k (d + 1) + 8 n k``.
+
 The machine's float64 matmul rate (median of a large ``jnp.dot``) gives the fraction of
-peak reached.
+peak reached. Each row also times emvi in float32 (same parameters, cast).
+
+``--accuracy`` adds, per covariance type, how far a float32 fit ends from the float64
+optimum: float64 EM from the benchmark's start runs to convergence (``tol=1e-13``), float32
+EM from the same start runs as many iterations, and both are scored in float64
+(``mean log p(x)`` of the float64 optimum minus that of the float32 parameters, in nats per
+point).
 
 Usage::
 
     python scripts/bench_gmm.py --out runs/bench_gmm.json
+    python scripts/bench_gmm.py --accuracy --covariance-types full diag
     python scripts/bench_gmm.py --quick
 """
 
@@ -58,10 +68,13 @@ class Args:
     repeats: int = 5
     """Timed emvi fits (the median is reported)."""
     sklearn_repeats: int = 3
-    covariance_types: tuple[str, ...] = ("full", "diag")
+    covariance_types: tuple[str, ...] = ("full", "tied", "diag", "spherical")
     reg_covar: float = 1e-6
     matmul_size: int = 2048
     seed: int = 0
+    accuracy: bool = False
+    """Also measure the float32 fit's distance from the float64 optimum (nats per point)."""
+    accuracy_max_iter: int = 3000
     quick: bool = False
     """Smoke-test size: n=3000, d=4, k=3, 5 iterations, 2 repeats, 256^3 matmul."""
     out: Path | None = None
@@ -84,8 +97,12 @@ def flops_per_iteration(n: int, d: int, k: int, covariance_type: str) -> float:
     p = d * (d + 1) // 2
     if covariance_type == "full":
         return 4.0 * n * k * (p + d) + 8.0 * n * k + k * d**3
+    if covariance_type == "tied":
+        return 4.0 * n * k * (p + d) + 8.0 * n * k + d**3
     if covariance_type == "diag":
         return 8.0 * n * k * d + 8.0 * n * k
+    if covariance_type == "spherical":
+        return 4.0 * n * k * (d + 1) + 8.0 * n * k
     raise ValueError(f"no FLOP count for covariance_type {covariance_type!r}")
 
 
@@ -159,11 +176,18 @@ def initial_params(seed: int, x: np.ndarray, k: int, covariance_type: str, reg_c
     )
     if covariance_type == "full":
         cov, prec = cov_full, np.linalg.inv(cov_full)
+    elif covariance_type == "tied":
+        cov = np.einsum("k,kij->ij", nk, cov_full - reg_covar * np.eye(d)) / nk.sum()
+        cov = cov + reg_covar * np.eye(d)
+        prec = np.linalg.inv(cov)
     elif covariance_type == "diag":
         cov = np.diagonal(cov_full, axis1=1, axis2=2).copy()
         prec = 1.0 / cov
+    elif covariance_type == "spherical":
+        cov = np.diagonal(cov_full, axis1=1, axis2=2).mean(axis=1)
+        prec = 1.0 / cov
     else:
-        raise ValueError(f"bench supports full and diag, not {covariance_type!r}")
+        raise ValueError(f"unknown covariance_type {covariance_type!r}")
     return nk / n, means, cov, prec
 
 
@@ -207,6 +231,9 @@ def bench_one(args: Args, x: np.ndarray, covariance_type: str) -> dict:
     compile_and_first_s = time.perf_counter() - t0
     emvi_s = _median_time(lambda: jax.block_until_ready(fit(p0, xj)), args.repeats)
     emvi_ll = float(jnp.mean(gmm.log_prob(res.params, xj, covariance_type=covariance_type)))
+    x32, p32 = xj.astype(jnp.float32), jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p0)
+    jax.block_until_ready(fit(p32, x32))
+    emvi32_s = _median_time(lambda: jax.block_until_ready(fit(p32, x32)), args.repeats)
 
     # E-step and M-step alone (steady state: data centred and prepared once, as in a fit).
     model = gmm.model(covariance_type)
@@ -245,9 +272,10 @@ def bench_one(args: Args, x: np.ndarray, covariance_type: str) -> dict:
     flops = flops_per_iteration(n, d, args.k, covariance_type)
     emvi_ms = 1e3 * emvi_s / args.iters
     sk_ms = 1e3 * sk_s / args.iters
-    return {
+    row = {
         "covariance_type": covariance_type,
         "emvi_ms_per_iter": emvi_ms,
+        "emvi_float32_ms_per_iter": 1e3 * emvi32_s / args.iters,
         "sklearn_ms_per_iter": sk_ms,
         "speedup": sk_ms / emvi_ms,
         "emvi_e_step_ms": 1e3 * e_s,
@@ -261,6 +289,43 @@ def bench_one(args: Args, x: np.ndarray, covariance_type: str) -> dict:
         "log_likelihood_relative_difference": abs(emvi_ll - sk_ll) / abs(sk_ll),
         "flops_per_iter": flops,
         "emvi_gflops": flops / (emvi_ms * 1e-3) / 1e9,
+    }
+    if args.accuracy:
+        row.update(float32_accuracy(args, xj, p0, covariance_type))
+    return row
+
+
+def float32_accuracy(args: Args, xj, p0, covariance_type: str) -> dict:
+    """Nats per point between the float64 optimum and a float32 fit of as many iterations."""
+    from emvi import gmm
+
+    def run(p, data, max_iter, tol):
+        return gmm.fit_from_params(
+            p,
+            data,
+            covariance_type=covariance_type,
+            max_iter=max_iter,
+            tol=tol,
+            reg_covar=args.reg_covar,
+        )
+
+    ref = run(p0, xj, args.accuracy_max_iter, 1e-13)
+    num_iter = int(ref.num_iter)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p0)
+    res32 = run(p32, xj.astype(jnp.float32), num_iter, 0.0)
+
+    def score(params):
+        # In float64, with the weights renormalised: cast up, float32 weights sum to 1 only
+        # to ~k eps32, which would shift every log p(x) by that much (either sign).
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+        params = params._replace(weights=params.weights / jnp.sum(params.weights))
+        return float(jnp.mean(gmm.log_prob(params, xj, covariance_type=covariance_type)))
+
+    return {
+        "float64_iterations_to_optimum": num_iter,
+        "float64_converged": bool(ref.converged),
+        "float64_optimum_log_likelihood": score(ref.params),
+        "float32_gap_nats_per_point": score(ref.params) - score(res32.params),
     }
 
 
@@ -287,15 +352,22 @@ def main(args: Args) -> dict:
         r["fraction_of_matmul_peak"] = r["emvi_gflops"] / peak
         rows.append(r)
         print(
-            f"{ct:5s}: emvi {r['emvi_ms_per_iter']:8.2f} ms/iter "
+            f"{ct:9s}: emvi {r['emvi_ms_per_iter']:8.2f} ms/iter "
             f"(E {r['emvi_e_step_ms']:.2f} ms, M {r['emvi_m_step_ms']:.2f} ms; "
             f"{r['emvi_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_peak']:.0f}% of matmul)"
+            f" | float32 {r['emvi_float32_ms_per_iter']:8.2f} ms/iter"
             f" | sklearn {r['sklearn_ms_per_iter']:8.2f} ms/iter | speedup "
             f"{r['speedup']:5.1f}x | log-lik emvi {r['emvi_log_likelihood']:.12f} "
             f"sklearn {r['sklearn_log_likelihood']:.12f} diff {r['log_likelihood_difference']:.2e} "
             f"(rel {r['log_likelihood_relative_difference']:.1e})",
             flush=True,
         )
+        if args.accuracy:
+            print(
+                f"{ct:9s}: float32 fit ends {r['float32_gap_nats_per_point']:.2e} nats/point "
+                f"below the float64 optimum ({r['float64_iterations_to_optimum']} iterations)",
+                flush=True,
+            )
     out = {
         "args": dataclasses.asdict(args),
         "threads": threads,
