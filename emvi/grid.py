@@ -68,8 +68,10 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jaxtyping import Array, Float, Key
 
 from emvi import _checks, em, estep, mstep
@@ -337,6 +339,62 @@ def time_to_reach(history: CornerHistory, *, tol: float = 0.1) -> float:
     ll = np.asarray(history.log_likelihood)
     hit = np.nonzero(np.abs(ll - ll[-1]) <= tol)[0]
     return float(np.asarray(history.wall_time)[hit[0]])
+
+
+class CellTrace(NamedTuple):
+    """What :func:`run_cell` records; row 0 is the initial state, row t after iteration t.
+
+    Attributes:
+      log_likelihood: (t+1,) exact weighted mean :math:`\\log p_\theta(x_i)`.
+      elbo: (t+1,) weighted mean ELBO of the current q under the current theta.
+      log_prior: (t+1,) :math:`\\log p(\theta) / \\sum_i w_i` (0 without a log prior), so
+        that ``elbo + log_prior`` is the objective J every cell climbs.
+    """
+
+    log_likelihood: Float[Array, " t"]
+    elbo: Float[Array, " t"]
+    log_prior: Float[Array, " t"]
+
+
+def run_cell(
+    key: Key[Array, ""],
+    cell: Cell,
+    model: em.ExactModel,
+    params: PyTree,
+    batch: estep.Batch,
+    hyper: PyTree = None,
+    *,
+    num_iters: int,
+) -> tuple[CellState, CellTrace]:
+    """Runs ``cell`` for ``num_iters`` iterations on device (a ``lax.scan``), untimed.
+
+    Pure: jit it with ``cell``, ``model`` and ``num_iters`` static. Keys as in
+    :func:`run_corner`. :func:`run_corner` is the timed, Python-loop version.
+
+    Returns:
+      ``(final_state, trace)``.
+    """
+    k_init, k_steps = jax.random.split(key)
+    wsum = jnp.sum(batch.weights)
+
+    def record(state):
+        p = state.m.params
+        lp = model.log_prior(p, hyper) if model.log_prior is not None else jnp.zeros((), wsum.dtype)
+        return CellTrace(
+            em.mean_log_prob(model, p, batch.data, batch.weights),
+            estep.mean_elbo(model, p, state.e.q, batch),
+            (lp / wsum).astype(wsum.dtype),
+        )
+
+    def body(state, t):
+        state, _ = cell.step(jax.random.fold_in(k_steps, t), state, batch, hyper)
+        return state, record(state)
+
+    state = cell.init(k_init, params, batch)
+    final, rows = lax.scan(body, state, jnp.arange(num_iters))
+    first = record(state)
+    trace = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rows)
+    return final, trace
 
 
 # ---------------------------------------------------------------------------------------

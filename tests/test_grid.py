@@ -1,8 +1,9 @@
 """Every model of emvi in every cell of the EM / VI grid, on tiny data.
 
-One module-level jitted function (:func:`_trace`, the cell static) runs a cell for a few
-iterations as a ``lax.scan`` and records, after every iteration, the exact mean log p(x), the
-mean ELBO of the cell's q and the log prior over n, so each (model, cell) compiles once.
+One module-level jitted function (:func:`_sweep`) runs all six cells of one model with
+:func:`emvi.grid.run_cell` (a ``lax.scan`` recording, after every iteration, the exact mean
+log p(x), the mean ELBO of the cell's q and the log prior over n) and the EM driver, so each
+model compiles once (measured: half the compile time of one program per cell).
 
 Tolerances (float64): ``_round(v)`` is 1e3 ulps of the magnitude involved, what summing a
 few dozen per-example terms of that size can lose (each sum is exact to about n * eps * |v|
@@ -19,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 
 from emvi import bernoulli_mixture as bm
 from emvi import em, estep, gmm, grid, mstep
@@ -103,38 +103,14 @@ def _cells(name):
     )
 
 
-def _trace(key, params, batch, hyper, cell, model, num_iters):
-    """Runs ``cell`` for ``num_iters`` iterations; (num_iters + 1, 3) rows of mean log p,
-    mean ELBO of the current q and log prior / n, and the final params."""
-
-    def record(state):
-        p = state.m.params
-        lp = model.log_prior(p, hyper) / jnp.sum(batch.weights)
-        return jnp.stack(
-            [
-                em.mean_log_prob(model, p, batch.data, batch.weights),
-                estep.mean_elbo(model, p, state.e.q, batch),
-                lp.astype(batch.x.dtype),
-            ]
-        )
-
-    def body(state, t):
-        state, _ = cell.step(jax.random.fold_in(key, t), state, batch, hyper)
-        return state, record(state)
-
-    state = cell.init(key, params, batch)
-    final, rows = lax.scan(body, state, jnp.arange(num_iters))
-    return jnp.concatenate([record(state)[None], rows]), final.m.params
-
-
 @functools.partial(jax.jit, static_argnames=("cells", "model", "num_iters"))
 def _sweep(key, params, batch, hyper, *, cells, model, num_iters):
-    """All six cells of one model and the EM driver in one program: one compilation per
-    model (measured: half the compile time of one program per cell)."""
-    runs = [_trace(key, params, batch, hyper, c, model, num_iters) for c in cells]
+    """All six cells of one model and the EM driver in one program."""
+    runs = [grid.run_cell(key, c, model, params, batch, hyper, num_iters=num_iters) for c in cells]
     batched = jax.tree_util.tree_map(lambda a: a[None], params)
     ref = em.fit(model, batched, batch.x, max_iter=num_iters, tol=0.0, hyper=hyper)
-    return jnp.stack([r[0] for r in runs]), runs[0][1], ref
+    rows = jnp.stack([jnp.stack(trace, axis=-1) for _, trace in runs])  # (cell, t+1, 3)
+    return rows, runs[0][0].m.params, ref
 
 
 @functools.cache
@@ -261,18 +237,3 @@ def test_refining_the_encoders_q_raises_its_elbo():
     assert float(estep.mean_elbo(model, theta0, s_semi.q, batch)) == pytest.approx(
         float(info_s.elbo), abs=_round(info_s.elbo)
     )
-
-
-def test_run_corner_records_a_timed_history_and_validates():
-    model, x, theta0, hyper = _setup("bernoulli")
-    cell = _cells("bernoulli")[("local", "gradient")]
-    res = grid.run_corner(
-        jax.random.key(1), cell, model, x, params=theta0, num_iters=3, hyper=hyper
-    )
-    h = res.history
-    assert h.log_likelihood.shape == h.elbo.shape == h.wall_time.shape == (4,)
-    assert h.wall_time[0] == 0.0 and np.all(np.diff(h.wall_time) > 0)
-    assert np.all(h.elbo <= h.log_likelihood + _round(h.log_likelihood))
-    assert grid.time_to_reach(h, tol=np.inf) == 0.0
-    with pytest.raises(ValueError, match="num_iters"):
-        grid.run_corner(jax.random.key(1), cell, model, x, params=theta0, num_iters=0)

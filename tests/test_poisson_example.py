@@ -8,6 +8,7 @@ objective's derivative found by SciPy's ``brentq`` to ``rtol=1e-14``, hence 1e-1
 checks allow 1e3 ulps of the log-likelihood (sums of 40 terms).
 """
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -94,29 +95,59 @@ def test_bijections_round_trip():
     )
 
 
-# -- all six cells, through the public entry point ---------------------------------------
+# -- all six cells -------------------------------------------------------------------------
 
 ENCODER = estep.default_encoder(MODEL, THETA0, X, hidden=(8,))
 OPT = optax.adam(3e-2)
 CELLS = grid.cells(MODEL, ENCODER, e_optimizer=OPT, m_optimizer=OPT, num_e_steps=2, num_m_steps=2)
+NUM_ITERS = 5
+
+
+@functools.cache
+def _traces():
+    """All six cells in one jitted program (one compilation), maximum likelihood."""
+
+    @jax.jit
+    def run(key, params, batch):
+        return {
+            c: grid.run_cell(key, cell, MODEL, params, batch, num_iters=NUM_ITERS)[1]
+            for c, cell in CELLS.items()
+        }
+
+    return jax.tree_util.tree_map(
+        np.asarray, run(jax.random.key(1), THETA0, estep.make_batch(MODEL, X))
+    )
 
 
 @pytest.mark.parametrize("cell", list(CELLS), ids=lambda c: "/".join(c))
 def test_the_example_runs_in_every_cell(cell):
-    res = grid.run_corner(
-        jax.random.key(1), CELLS[cell], MODEL, X, params=THETA0, num_iters=5
-    )  # maximum likelihood: log p is what EM raises
-    h = res.history
-    tol = 1e3 * np.finfo(np.float64).eps * np.max(np.abs(h.log_likelihood))
-    assert np.all(np.isfinite(h.log_likelihood)) and np.all(np.isfinite(h.elbo))
-    assert np.all(h.elbo <= h.log_likelihood + tol)
-    assert h.elbo[-1] > h.elbo[0] + 1e-3
+    ll, elbo = _traces()[cell].log_likelihood, _traces()[cell].elbo
+    tol = 1e3 * np.finfo(np.float64).eps * np.max(np.abs(ll))
+    assert np.all(np.isfinite(ll)) and np.all(np.isfinite(elbo))
+    assert np.all(elbo <= ll + tol)
+    assert elbo[-1] > elbo[0] + 1e-3
     if cell[0] == "exact":
-        assert h.elbo[0] == pytest.approx(h.log_likelihood[0], abs=tol)
-        assert np.all(np.diff(h.log_likelihood) >= -tol)  # EM and generalised EM
-    if cell == ("exact", "closed"):
-        ref = em.fit(
-            MODEL, jax.tree_util.tree_map(lambda a: a[None], THETA0), X, max_iter=5, tol=0.0
+        assert elbo[0] == pytest.approx(ll[0], abs=tol)
+        assert np.all(np.diff(ll) >= -tol)  # EM and generalised EM, maximum likelihood
+
+
+def test_run_corner_is_em_for_the_exact_closed_cell_and_times_its_steps():
+    res = grid.run_corner(
+        jax.random.key(1), CELLS[("exact", "closed")], MODEL, X, params=THETA0, num_iters=NUM_ITERS
+    )
+    h = res.history
+    ref = em.fit(
+        MODEL, jax.tree_util.tree_map(lambda a: a[None], THETA0), X, max_iter=NUM_ITERS, tol=0.0
+    )
+    # Same iterations, same arithmetic up to expected_stats(posterior) vs e_step (~1e-15).
+    np.testing.assert_allclose(h.log_likelihood[:NUM_ITERS], ref.history, rtol=1e-9)
+    np.testing.assert_allclose(res.params.rates, ref.params.rates, rtol=1e-9)
+    np.testing.assert_allclose(
+        h.log_likelihood, _traces()[("exact", "closed")].log_likelihood, rtol=1e-12
+    )
+    assert h.wall_time[0] == 0.0 and np.all(np.diff(h.wall_time) > 0)
+    assert grid.time_to_reach(h, tol=np.inf) == 0.0
+    with pytest.raises(ValueError, match="num_iters"):
+        grid.run_corner(
+            jax.random.key(1), CELLS[("exact", "closed")], MODEL, X, params=THETA0, num_iters=0
         )
-        np.testing.assert_allclose(h.log_likelihood[:5], ref.history, rtol=1e-9)
-        np.testing.assert_allclose(res.params.rates, ref.params.rates, rtol=1e-9)
