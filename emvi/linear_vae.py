@@ -47,8 +47,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Key
 
 from emvi import _checks, linear_gaussian
@@ -191,6 +193,16 @@ def optimal_encoder(params: LinearVAEParams) -> LinearVAEParams:
     return params._replace(encoder_weight=v, encoder_log_scale=log_s)
 
 
+def diagonal_family_gap(decoder_params: LinearGaussianParams) -> Float[Array, ""]:
+    r"""The smallest gap any diagonal-covariance q can leave at a pPCA decoder, for every x:
+    :math:`\frac12(\sum_j \log M_{jj} - \log|M|)`, :math:`M = W^\top W + \sigma^2 I`
+    (see :func:`optimal_encoder_gap`)."""
+    w = decoder_params.loadings
+    gram = w.T @ w + decoder_params.noise_variance * jnp.eye(w.shape[1], dtype=w.dtype)
+    _, log_det = jnp.linalg.slogdet(gram)
+    return 0.5 * (jnp.sum(jnp.log(jnp.diagonal(gram))) - log_det)
+
+
 def optimal_encoder_gap(params: LinearVAEParams) -> Float[Array, ""]:
     r"""The gap :math:`\log p(x) - \mathrm{ELBO}(x)` left by :func:`optimal_encoder`.
 
@@ -201,9 +213,7 @@ def optimal_encoder_gap(params: LinearVAEParams) -> Float[Array, ""]:
     the same for every x, >= 0 by Hadamard's inequality and 0 iff :math:`W^\top W` is
     diagonal.
     """
-    gram = _gram(params)
-    _, log_det = jnp.linalg.slogdet(gram)
-    return 0.5 * (jnp.sum(jnp.log(jnp.diagonal(gram))) - log_det)
+    return diagonal_family_gap(decoder(params))
 
 
 def init_params(
@@ -243,3 +253,57 @@ def init_params(
 def negative_elbo(params: LinearVAEParams, x: Float[Array, "n d"]) -> Float[Array, ""]:
     """The training loss: minus the mean closed-form ELBO per example."""
     return -jnp.mean(elbo(params, x))
+
+
+class LinearEncoder(nn.Module):
+    r"""The linear encoder as a Flax module for the grid (:mod:`emvi.estep`'s amortized E-step).
+
+    Outputs the unconstrained q of :func:`emvi.linear_gaussian.q_from_unconstrained`, one
+    (n, m) row per example, :math:`m = l + l(l+1)/2`: the mean :math:`A (x - \bar x) + b`
+    (linear in x; :math:`\bar x` a fixed centre, the data mean, which only conditions the
+    optimisation: without it the mean's slope and offset are strongly coupled) and a learned
+    constant for the Cholesky factor of the covariance (its log-diagonal and,
+    with ``diagonal=False``, its strictly lower triangle), so
+
+    .. math::
+        q(z \mid x) = \mathcal N(A (x - \bar x) + b,\ S), \qquad S \text{ the same for
+        every } x.
+
+    ``diagonal=True`` is the family of Lucas et al. (2019) (:func:`encode`): the
+    off-diagonal entries are held at 0. ``diagonal=False`` contains the exact pPCA posterior.
+    The weights start at :math:`\mathcal N(0, \mathrm{scale}^2 / \bar v)` (``scale`` and
+    ``data_variance`` :math:`\bar v` as in :func:`init_params`), the bias and the log-scales
+    at 0 (s = 1).
+
+    Attributes:
+      latent_dim: l.
+      diagonal: hold the covariance diagonal.
+      scale: relative size of the initial weights.
+      data_variance: :math:`\bar v`, the mean per-feature variance of the data.
+      centre: :math:`\bar x` as a tuple of d floats, or None (0).
+    """
+
+    latent_dim: int
+    diagonal: bool = True
+    scale: float = 0.1
+    data_variance: float = 1.0
+    centre: tuple[float, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "n d"]) -> Float[Array, "n m"]:
+        l_ = self.latent_dim
+        std = self.scale / float(np.sqrt(self.data_variance))
+        if self.centre is not None:
+            x = x - jnp.asarray(self.centre, x.dtype)[None, :]
+        mean = nn.Dense(
+            l_,
+            kernel_init=nn.initializers.normal(std),
+            dtype=x.dtype,
+            param_dtype=x.dtype,  # follow the data's dtype (float32 or float64)
+            name="mean",
+        )(x)
+        rows, cols = np.tril_indices(l_)
+        raw = self.param("chol_raw", nn.initializers.zeros, (rows.size,), x.dtype)
+        if self.diagonal:
+            raw = jnp.where(jnp.asarray(rows == cols), raw, 0.0)
+        return jnp.concatenate([mean, jnp.broadcast_to(raw, (x.shape[0], rows.size))], axis=1)

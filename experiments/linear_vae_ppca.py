@@ -1,10 +1,13 @@
 r"""A linear-Gaussian VAE trained by gradient reaches the pPCA maximum likelihood.
 
-The VAE (``emvi.linear_vae``): encoder :math:`q(z \mid x) = \mathcal N(V(x - \mu),
-\mathrm{diag}(s^2))`, decoder :math:`p(x \mid z) = \mathcal N(Wz + \mu, \sigma^2 I)`, prior
-:math:`\mathcal N(0, I)`. Its ELBO is available in closed form, so training is
-deterministic: full-batch Adam with a cosine-decayed rate, then L-BFGS
-(``optax.lbfgs``) to a small gradient. Lucas, Tucker, Grosse & Norouzi (2019) predict
+The VAE is one cell of the grid (``emvi.grid``): the amortized E-step with a linear encoder
+(``emvi.linear_vae.LinearEncoder``: :math:`q(z \mid x) = \mathcal N(Ax + b, S)`, S a learned
+constant, diagonal by default) and the gradient M-step on the pPCA decoder
+(``emvi.linear_gaussian.model("isotropic")``: :math:`p(x \mid z) = \mathcal N(Wz + \mu,
+\sigma^2 I)`, prior :math:`\mathcal N(0, I)`), stepped jointly (``grid.Joint``). The ELBO is
+in closed form (``linear_gaussian.elbo``), so training is deterministic: full-batch Adam
+with a cosine-decayed rate through the cell, then L-BFGS (``optax.lbfgs``) on the same
+cell objective to a small gradient. Lucas, Tucker, Grosse & Norouzi (2019) predict
 that the optimum is the pPCA maximum-likelihood solution and that the ELBO is *tight*
 there (a rotation of z makes the exact posterior covariance diagonal). The experiment
 measures, on the digits (1797 x 64, pixels / 16, float64):
@@ -52,6 +55,9 @@ class Config:
     seed: int = 0
     latent_dim: int = 10
     """l, the latent dimension (and the number of principal components)."""
+    encoder_covariance: str = "diagonal"
+    """q's constant covariance: 'diagonal' (Lucas et al.'s family) or 'full' (contains the
+    exact posterior)."""
     num_points: int | None = None
     """Use only the first this many digits (None: all 1797); for tests."""
     adam_steps: int = 3000
@@ -85,21 +91,18 @@ def load(cfg: Config) -> np.ndarray:
 
 def _adam_runner(loss_fn, optimizer, chunk):
     """A jitted ``(params, opt_state, key, start) -> (params, opt_state)`` running ``chunk``
-    optimizer steps in one ``lax.scan`` (``loss_fn(params, key) -> scalar``)."""
+    optimizer steps (``emvi.optim.run_steps``; ``loss_fn(params, key) -> scalar`` with the
+    key folded with the global step)."""
     import jax
-    import optax
 
-    grad_fn = jax.grad(loss_fn)
+    from emvi.optim import run_steps
 
     @jax.jit
     def run(params, opt_state, key, start):
-        def step(carry, t):
-            p, s = carry
-            g = grad_fn(p, jax.random.fold_in(key, t))
-            updates, s = optimizer.update(g, s, p)
-            return (optax.apply_updates(p, updates), s), None
+        def loss(p, t):
+            return loss_fn(p, jax.random.fold_in(key, t))
 
-        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), start + np.arange(chunk))
+        params, opt_state, _ = run_steps(loss, optimizer, params, opt_state, chunk, step0=start)
         return params, opt_state
 
     return run
@@ -116,6 +119,10 @@ def _lbfgs_runner(loss_fn, optimizer, chunk, grad_tol):
 
     @jax.jit
     def run(params, opt_state):
+        with jax.numpy_dtype_promotion("standard"):  # optax's L-BFGS mixes int32 and floats
+            return _run(params, opt_state)
+
+    def _run(params, opt_state):
         def norm(s):
             return optax.tree.norm(optax.tree.get(s, "grad"))
 
@@ -147,7 +154,8 @@ def main(cfg: Config) -> dict:
     import scipy.linalg
     from tqdm.auto import tqdm
 
-    from emvi import linear_vae, ppca
+    from emvi import em, estep, grid, linear_vae, mstep, ppca
+    from emvi import linear_gaussian as lg
 
     workdir = runs.prepare_workdir(cfg.workdir, overwrite=cfg.overwrite)
     runs.write_config(workdir, cfg)
@@ -174,6 +182,7 @@ def main(cfg: Config) -> dict:
         "num_points": n,
         "data_dim": d,
         "latent_dim": l_,
+        "encoder_covariance": cfg.encoder_covariance,
         "ppca_log_likelihood_per_example": ml_ll,
         "ppca_noise_variance": float(ml.noise_variance),
         "closed_form_time_s": closed_form_time,
@@ -184,43 +193,83 @@ def main(cfg: Config) -> dict:
         log.write(phase=phase, step=step, elbo=e, log_likelihood=ll, **extra)
         return e, ll
 
-    def loss_fn(p):
-        return linear_vae.negative_elbo(p, x)
-
-    # Phase 1: Adam on the closed-form ELBO, cosine-decayed rate.
-    total = cfg.adam_steps + cfg.lbfgs_steps + cfg.mc_steps
-    bar = tqdm(total=total, desc="linear VAE", disable=not cfg.progress, mininterval=1.0)
-    chunk = max(1, min(cfg.log_every, max(cfg.adam_steps, 1)))
+    # The VAE as a cell of the grid: amortized E-step (linear encoder) + gradient M-step on
+    # the pPCA decoder, one joint Adam step per iteration on (encoder, unconstrained theta).
+    model = lg.model("isotropic")
+    batch = estep.make_batch(model, x)
+    encoder = linear_vae.LinearEncoder(
+        l_,
+        diagonal=cfg.encoder_covariance == "diagonal",
+        data_variance=float(jnp.mean(jnp.var(x, axis=0))),
+        centre=tuple(float(v) for v in x_np.mean(axis=0)),
+    )
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.adam_steps, 1), alpha=0.01)
     adam = optax.adam(schedule)
-    params, opt_state = init, adam.init(init)
-    run_adam = _adam_runner(lambda p, k: loss_fn(p), adam, chunk)
-    record("adam", 0, params)
-    tic = time.perf_counter()
-    step = 0
-    while step < cfg.adam_steps:
-        params, opt_state = run_adam(params, opt_state, key_init, step)
-        step += chunk
-        e, _ = record("adam", step, params)
-        bar.update(chunk)
-        bar.set_postfix(elbo=f"{e:.4f}", gap=f"{ml_ll - e:.2e}")
-    adam_time = time.perf_counter() - tic
-    adam_elbo = float(evaluate(params)[0])
+    cell = grid.Cell(
+        estep.amortized(model, encoder, optimizer=adam),
+        mstep.gradient(model, optimizer=adam),
+        grid.Joint(),
+    )
+    e_piece, m_piece = cell.estep, cell.mstep
 
-    # Phase 2: L-BFGS from where Adam stopped.
+    def cell_loss(vu):
+        """Minus the cell's objective J (the mean ELBO) at encoder v and theta(u)."""
+        v, u = vu
+        return -m_piece.objective(m_piece.from_variables(u), e_piece.q_of(v, batch), batch, None)
+
+    @jax.jit
+    def evaluate_cell(vu):
+        v, u = vu
+        theta = m_piece.from_variables(u)
+        q = e_piece.q_of(v, batch)
+        return estep.mean_elbo(model, theta, q, batch), em.mean_log_prob(
+            model, theta, batch.data, batch.weights
+        )
+
+    def record_cell(phase, step, vu, **extra):
+        e, ll = (float(v) for v in evaluate_cell(vu))
+        log.write(phase=phase, step=step, elbo=e, log_likelihood=ll, **extra)
+        return e, ll
+
+    # Phase 1: Adam through the cell (emvi.grid.run_corner), cosine-decayed rate.
+    total = cfg.adam_steps + cfg.lbfgs_steps + cfg.mc_steps
+    bar = tqdm(total=total, desc="linear VAE", disable=not cfg.progress, mininterval=1.0)
+    theta0 = linear_vae.decoder(init)  # W ~ N(0, 0.01 v), mu = 0, sigma^2 = v
+    tic = time.perf_counter()
+    if cfg.adam_steps > 0:
+        res = grid.run_corner(key_init, cell, model, x, params=theta0, num_iters=cfg.adam_steps)
+        state = res.state
+        hist = res.history
+        for step in range(0, cfg.adam_steps + 1, cfg.log_every):
+            log.write(
+                phase="adam",
+                step=step,
+                elbo=float(hist.elbo[step]),
+                log_likelihood=float(hist.log_likelihood[step]),
+            )
+        bar.update(cfg.adam_steps)
+    else:
+        state = jax.jit(cell.init)(key_init, theta0, batch)
+    vu = (state.e.variables, m_piece.to_variables(state.m.params))
+    if cfg.adam_steps % cfg.log_every:
+        record_cell("adam", cfg.adam_steps, vu)
+    adam_time = time.perf_counter() - tic
+    adam_elbo = float(evaluate_cell(vu)[0])
+
+    # Phase 2: L-BFGS on the same cell objective, from where Adam stopped.
     tic = time.perf_counter()
     lbfgs_steps, grad_norm = 0, float("nan")
     if cfg.lbfgs_steps > 0:
         lbfgs = optax.lbfgs()
-        opt_state = lbfgs.init(params)
+        opt_state = lbfgs.init(vu)
         run_lbfgs = _lbfgs_runner(
-            loss_fn, lbfgs, min(cfg.log_every, cfg.lbfgs_steps), cfg.lbfgs_grad_tol
+            cell_loss, lbfgs, min(cfg.log_every, cfg.lbfgs_steps), cfg.lbfgs_grad_tol
         )
         while lbfgs_steps < cfg.lbfgs_steps:
-            params, opt_state, steps, gnorm = run_lbfgs(params, opt_state)
+            vu, opt_state, steps, gnorm = run_lbfgs(vu, opt_state)
             steps, grad_norm = int(steps), float(gnorm)
             lbfgs_steps += steps
-            e, _ = record("lbfgs", cfg.adam_steps + lbfgs_steps, params, grad_norm=grad_norm)
+            e, _ = record_cell("lbfgs", cfg.adam_steps + lbfgs_steps, vu, grad_norm=grad_norm)
             bar.update(steps)
             bar.set_postfix(elbo=f"{e:.6f}", gap=f"{ml_ll - e:.2e}", grad=f"{grad_norm:.1e}")
             if grad_norm < cfg.lbfgs_grad_tol or steps == 0:
@@ -228,8 +277,9 @@ def main(cfg: Config) -> dict:
     lbfgs_time = time.perf_counter() - tic
     bar.update(cfg.lbfgs_steps - lbfgs_steps)
 
-    elbo_pe, vae_ll = (float(v) for v in evaluate(params))
-    w_vae = np.asarray(params.loadings)
+    elbo_pe, vae_ll = (float(v) for v in evaluate_cell(vu))
+    theta = m_piece.from_variables(vu[1])
+    w_vae = np.asarray(theta.loadings)
     angles = scipy.linalg.subspace_angles(w_vae, np.asarray(ml.loadings))
     gram = w_vae.T @ w_vae
     off = gram - np.diag(np.diag(gram))
@@ -241,16 +291,18 @@ def main(cfg: Config) -> dict:
         vae_elbo_gap=vae_ll - elbo_pe,
         max_principal_angle=float(np.max(angles)),
         principal_angles=np.sort(angles)[::-1],
-        vae_noise_variance=float(jnp.exp(params.log_noise_variance)),
+        vae_noise_variance=float(theta.noise_variance),
         loadings_gram_offdiag_relative=float(np.linalg.norm(off) / np.linalg.norm(gram)),
-        optimal_encoder_gap=float(linear_vae.optimal_encoder_gap(params)),
+        optimal_encoder_gap=float(linear_vae.diagonal_family_gap(theta)),
         adam_steps=cfg.adam_steps,
         adam_elbo_per_example=adam_elbo,
         adam_time_s=adam_time,
         lbfgs_steps=lbfgs_steps,
         lbfgs_final_grad_norm=grad_norm,
         lbfgs_time_s=lbfgs_time,
-        optimizer=f"Adam({cfg.learning_rate}, cosine to 1%) x {cfg.adam_steps}, then optax.lbfgs",
+        optimizer=f"Adam({cfg.learning_rate}, cosine to 1%) x {cfg.adam_steps} through "
+        "grid.Cell(amortized linear encoder, gradient M-step, Joint), then optax.lbfgs on "
+        "the cell's objective",
     )
 
     # Phase 3 (optional): the same VAE on the reparameterised one-sample MC ELBO.
