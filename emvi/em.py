@@ -194,18 +194,22 @@ def chunked_e_step(
     chunks = jax.tree_util.tree_map(pad_and_split, data)
     w = pad_and_split(weights, zero_fill=True)
 
-    first_stats, first_ll = model.e_step(
-        params, jax.tree_util.tree_map(lambda c: c[0], chunks), w[0]
-    )
-
     def body(carry, chunk):
         stats, ll = carry
         chunk_data, chunk_w = chunk
         s, l_ = model.e_step(params, chunk_data, chunk_w)
         return (jax.tree_util.tree_map(jnp.add, stats, s), ll + l_), None
 
-    rest = jax.tree_util.tree_map(lambda c: c[1:], (chunks, w))
-    (stats, ll), _ = lax.scan(body, (first_stats, first_ll), rest)
+    # The sums start from zeros (0 + s is s exactly) rather than from the first chunk's
+    # E-step, so that ``e_step`` is traced once. With a separate first call, XLA hoisted the
+    # scan body's parameter-only work (a GMM's Cholesky solves) out of the loop without
+    # merging it with the first call's, and two LAPACK calls that may run at once deadlock
+    # jaxlib 0.10.2's CPU runtime (issue 13; tests/test_hang_regression.py).
+    shapes = jax.eval_shape(
+        model.e_step, params, jax.tree_util.tree_map(lambda c: c[0], chunks), w[0]
+    )
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (stats, ll), _ = lax.scan(body, zeros, (chunks, w))
     return stats, ll
 
 
@@ -514,9 +518,13 @@ def em_trace(
     ``data`` is what ``model.prepare`` returns (or ``x`` when the model has none). The
     iterations run as a Python loop over one jitted iteration rather than a ``lax.scan``:
     this is a diagnostic of a few dozen iterations, so the loop costs nothing measurable,
-    and with jax/jaxlib 0.10.2 a ``lax.scan`` of this body deadlocked XLA:CPU's thunk
-    runtime on a full-covariance GMM of the digits (1797 x 64; every thread idle in a
-    futex, for scan lengths >= 2; fine with ``--xla_cpu_use_thunk_runtime=false``).
+    and with jax/jaxlib 0.10.2 a ``lax.scan`` of this body can deadlock XLA:CPU (on a
+    full-covariance GMM of the digits, 1797 x 64, three runs in four hung at 30 iterations):
+    inside the loop XLA does not merge the body's repeated Cholesky solves, and two batched
+    LAPACK calls that run at once each block an intra-op thread waiting for work queued
+    behind the other (issue 13; ``--xla_cpu_use_thunk_runtime`` is ignored by this jaxlib).
+    The one jitted iteration has every LAPACK call ordered by data dependence
+    (tests/test_hang_regression.py checks it).
     """
     n = _leading_dim(data)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
