@@ -10,11 +10,11 @@ Both kinds of method maximise the ELBO,
   validation split of the training images; a > 1, so no probability reaches 0 or 1 and no
   test image gets :math:`-\infty`) and a flat Dirichlet on the weights.
   :math:`\log p(x)` is exact and the ELBO at the exact posterior equals it;
-* a **Gaussian-latent VAE** (``experiments/vae.py``: MLP encoder and Bernoulli decoder,
+* a **Gaussian-latent VAE** (``emvi.vae.gaussian_vae``: MLP encoder and Bernoulli decoder,
   trained on the Monte Carlo ELBO with Adam), whose :math:`\log p(x)` is estimated by
   importance sampling (IWAE, k = 5000 by default);
-* a **categorical VAE** (``experiments/vae.py``: uniform prior over m classes, trained on
-  its exact enumerated ELBO), whose :math:`\log p(x)` is exact by enumeration.
+* a **categorical VAE** (``emvi.vae.categorical_vae``: uniform prior over m classes,
+  trained on its exact enumerated ELBO), whose :math:`\log p(x)` is exact by enumeration.
 
 For each it reports the test log-likelihood (nats per image, mean over the test images),
 the train and test ELBO and the gap :math:`\log p(x) - \mathrm{ELBO}`, and writes a
@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emvi import runs
+from emvi import plotting, runs
 
+VAE_KINDS = ("gaussian", "categorical")
 FIGURES = ("headline.png", "em_trace.png", "mixture_means.png", "vae_samples.png")
 COMMAND = "python experiments/em_vs_vi.py --workdir runs/main --overwrite"
 
@@ -80,7 +81,7 @@ class Config:
     trace_iters: int = 30
     """EM iterations recorded half-step by half-step (for the mixture with the best k)."""
     vae: bool = True
-    """SWITCH: also train and score the two VAEs of experiments/vae.py (--no-vae: EM only)."""
+    """SWITCH: also train and score the Gaussian and categorical VAEs (--no-vae: EM only)."""
     vae_epochs: int = 200
     vae_latent_dim: int = 8
     """Latent dimension of the Gaussian VAE."""
@@ -100,13 +101,6 @@ class Config:
     """Use only the first this many test images (None: all 297); for tests."""
     progress: bool = True
     plots: bool = True
-
-
-def load_vae_experiment():
-    """Imports ``experiments/vae.py`` (a script, not a package module) from its file."""
-    from emvi.runs import load_script
-
-    return load_script(Path(__file__).resolve().parent / "vae.py")
 
 
 def load_split(cfg: Config):
@@ -139,6 +133,7 @@ def fit_mixtures(cfg: Config, split, log: runs.MetricsLog) -> tuple[list[dict], 
     from tqdm.auto import tqdm
 
     from emvi import bernoulli_mixture as bm
+    from emvi import selection
 
     train_x, test_x = jnp.asarray(split.train_x), jnp.asarray(split.test_x)
     rows, fitted = [], {}
@@ -157,15 +152,19 @@ def fit_mixtures(cfg: Config, split, log: runs.MetricsLog) -> tuple[list[dict], 
                 prior=bm.BernoulliMixturePrior(cfg.dirichlet_alpha, a, a),
             )
 
-        validation = {}
-        if len(cfg.beta_grid) > 1:
-            fit_x = split.train_x[: -cfg.validation_size]
-            val_x = jnp.asarray(split.train_x[-cfg.validation_size :])
-            for a in cfg.beta_grid:
-                val_ll = float(jnp.mean(bm.log_prob(fit_on(fit_x, a).params, val_x)))
-                validation[a] = val_ll
-                log.write(phase="prior_selection", k=k, beta_a=a, validation_log_likelihood=val_ll)
-        chosen = max(validation, key=validation.get) if validation else cfg.beta_grid[0]
+        chosen, validation = selection.bernoulli_mixture_beta_prior(
+            jax.random.fold_in(key, k),
+            split.train_x,
+            k,
+            grid=cfg.beta_grid,
+            validation_size=cfg.validation_size,
+            alpha=cfg.dirichlet_alpha,
+            max_iter=cfg.mixture_max_iter,
+            tol=cfg.mixture_tol,
+            num_init=cfg.mixture_num_init,
+        )
+        for a, val_ll in validation.items():
+            log.write(phase="prior_selection", k=k, beta_a=a, validation_log_likelihood=val_ll)
         fit = fit_on(split.train_x, chosen)
         jax.block_until_ready(fit.params)
         fit_time = time.perf_counter() - tic
@@ -256,37 +255,58 @@ def trace_best_mixture(cfg: Config, split, k: int, beta_a: float, log: runs.Metr
     return {f: np.asarray(v, np.float64) for f, v in out.items()}
 
 
+def train_vae(cfg: Config, kind: str, split, workdir: Path):
+    """Trains the Gaussian or categorical VAE with ``emvi.vae.fit_vae`` (Adam on the ELBO;
+    the test ELBO is logged every tenth of the run); returns (model, params)."""
+    import jax
+    import optax
+
+    from emvi import vae
+
+    data_dim = split.train_x.shape[1]
+    if kind == "gaussian":
+        model = vae.gaussian_vae(data_dim, cfg.vae_latent_dim, tuple(cfg.vae_hidden))
+    else:
+        model = vae.categorical_vae(data_dim, cfg.vae_num_classes, tuple(cfg.vae_hidden))
+    result = vae.fit_vae(
+        jax.random.fold_in(jax.random.key(cfg.seed), VAE_KINDS.index(kind)),
+        model,
+        split.train_x,
+        optimizer=optax.adam(cfg.vae_learning_rate),
+        batch_size=min(cfg.vae_batch_size, split.train_x.shape[0]),
+        num_epochs=cfg.vae_epochs,
+        workdir=(workdir / "vae" / kind).resolve(),
+        eval_fn=vae.elbo_eval_fn(model, split.test_x, jax.random.key(cfg.seed + 1)),
+        eval_every=max(1, cfg.vae_epochs // 10),
+        checkpoint_every=cfg.vae_epochs,
+        progress=cfg.progress,
+        resume=False,
+    )
+    return model, result.state.params
+
+
 def run_vaes(cfg: Config, split, workdir: Path, log: runs.MetricsLog) -> tuple[list[dict], dict]:
-    """Trains and scores the Gaussian and categorical VAEs via experiments/vae.py."""
+    """Trains and scores the Gaussian and categorical VAEs (``emvi.vae``)."""
     import jax
 
     from emvi import vae
 
-    vx = load_vae_experiment()
-    vcfg = vx.Config(
-        workdir=workdir / "vae",
-        seed=cfg.seed,
-        latent_dim=cfg.vae_latent_dim,
-        num_classes=cfg.vae_num_classes,
-        hidden=tuple(cfg.vae_hidden),
-        learning_rate=cfg.vae_learning_rate,
-        batch_size=min(cfg.vae_batch_size, split.train_x.shape[0]),
-        epochs=cfg.vae_epochs,
-        eval_num_samples=cfg.vae_eval_num_samples,
-        eval_every=max(1, cfg.vae_epochs // 10),
-        checkpoint_every=cfg.vae_epochs,
-        progress=cfg.progress,
-        plots=False,
-    )
     rows, arrays = [], {}
-    for kind in vx.KINDS:
+    for kind in VAE_KINDS:
         print(f"[em_vs_vi] training the {kind} VAE ({cfg.vae_epochs} epochs)", flush=True)
         tic = time.perf_counter()
-        model, params, _ = vx.train_one(vcfg, kind, split, workdir / "vae")
+        model, params = train_vae(cfg, kind, split, workdir)
         train_time = time.perf_counter() - tic
         tic = time.perf_counter()
         if kind == "gaussian":
-            ev = vx.evaluate_gaussian(vcfg, params, model, split)
+            ev = vae.evaluate_gaussian(
+                jax.random.key(cfg.seed + 2),
+                params,
+                split.test_x,
+                split.train_x,
+                model=model,
+                num_samples=cfg.vae_eval_num_samples,
+            )
             sub = split.train_x[: cfg.vae_train_ll_points]
             train_ll = vae.log_likelihood(
                 jax.random.key(cfg.seed + 5),
@@ -313,7 +333,9 @@ def run_vaes(cfg: Config, split, workdir: Path, log: runs.MetricsLog) -> tuple[l
             ll_how = f"IWAE, k={cfg.vae_eval_num_samples} (a stochastic lower bound)"
             train_note = f"first {sub.shape[0]} training images"
         else:
-            ev = vx.evaluate_categorical(vcfg, params, model, split)
+            ev = vae.evaluate_categorical(
+                jax.random.key(cfg.seed + 3), params, split.test_x, split.train_x, model=model
+            )
             train_ll_value = float(
                 np.mean(
                     np.asarray(vae.categorical_log_likelihood(params, split.train_x, model=model))
@@ -410,8 +432,10 @@ def main(cfg: Config) -> dict:
     }
     runs.write_json(workdir / "results.json", results)
     if cfg.plots:
-        plot(workdir)
-    write_report(workdir)
+        plot(workdir)  # the figures and report.md
+    else:
+        write_report(workdir)
+    print(markdown_table(results["methods"]))
     return runs.to_jsonable(results)
 
 
@@ -419,24 +443,9 @@ def main(cfg: Config) -> dict:
 # Figures and report, from the run folder only.
 
 
-def _image_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    side = round(math.sqrt(images.shape[-1]))
-    grid = np.full((rows * (side + 1) - 1, cols * (side + 1) - 1), 0.15)  # light borders
-    for i, img in enumerate(images[: rows * cols]):
-        r, c = divmod(i, cols)
-        grid[r * (side + 1) : r * (side + 1) + side, c * (side + 1) : c * (side + 1) + side] = (
-            img.reshape(side, side)
-        )
-    return grid
-
-
 def plot(workdir) -> list[Path]:
-    """Draws the PNG figures from results.json, metrics.jsonl and figures.npz."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Draws the PNG figures from results.json and figures.npz, then ``report.md``."""
+    plt = plotting.pyplot()
     workdir = Path(workdir)
     res = json.loads((workdir / "results.json").read_text())
     arrays = dict(np.load(workdir / "figures.npz"))
@@ -460,8 +469,7 @@ def plot(workdir) -> list[Path]:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
     ax.set_title("digits-bin: EM (blue) vs amortized VI (red)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    written.append(_save(fig, workdir / "headline.png"))
+    written.append(plotting.save(fig, workdir / "headline.png"))
 
     # 2. The EM half-step trace, on the objective MAP-EM ascends (shifted by log prior / n).
     shift = arrays["trace_log_prior"]
@@ -486,8 +494,7 @@ def plot(workdir) -> list[Path]:
     ax0.set_title(f"MAP-EM on the Bernoulli mixture, k={res['trace_k']}", fontsize=10)
     ax1.set_xlabel("EM iteration (zoom)")
     ax1.set_title("E-step: bound touches; M-step: both rise, KL opens", fontsize=9)
-    fig.tight_layout()
-    written.append(_save(fig, workdir / "em_trace.png"))
+    written.append(plotting.save(fig, workdir / "em_trace.png"))
 
     # 3. Component means of the best mixture, by weight (components with weight 0 left out).
     weights, probs = arrays["mixture_weights"], arrays["mixture_probs"]
@@ -506,8 +513,7 @@ def plot(workdir) -> list[Path]:
         "weight > 0, by weight",
         fontsize=9,
     )
-    fig.tight_layout()
-    written.append(_save(fig, workdir / "mixture_means.png"))
+    written.append(plotting.save(fig, workdir / "mixture_means.png"))
 
     # 4. VAE samples and prototypes (when the VAEs ran).
     panels = []
@@ -522,20 +528,13 @@ def plot(workdir) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
         for ax, (title, images, cols) in zip(np.atleast_1d(axes), panels, strict=True):
             nrows = math.ceil(len(images) / cols)
-            ax.imshow(_image_grid(images, nrows, cols), cmap="gray_r", vmin=0, vmax=1)
+            grid = plotting.image_grid(images, nrows, cols, background=0.15)
+            ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        fig.tight_layout()
-        written.append(_save(fig, workdir / "vae_samples.png"))
+        written.append(plotting.save(fig, workdir / "vae_samples.png"))
+    written.append(write_report(workdir))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _fmt(v, digits=2) -> str:
@@ -611,7 +610,7 @@ def write_report(workdir) -> Path:
     ]
     if vi_rows:
         lines.append(
-            "* VAEs (experiments/vae.py): trained on the ELBO with Adam; their ELBO uses the "
+            "* VAEs (emvi.vae): trained on the ELBO with Adam; their ELBO uses the "
             "encoder's q. The Gaussian VAE's log p(x) is an importance-sampling estimate "
             "(itself a lower bound, so its gap is a lower bound on the true KL) and its train "
             "columns use the first training images only (see results.json); the categorical "
@@ -640,12 +639,4 @@ def write_report(workdir) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "plot":
-        for p in plot(sys.argv[2]):
-            print(p)
-        print(write_report(sys.argv[2]))
-    else:
-        import tyro
-
-        out = main(tyro.cli(Config))
-        print(markdown_table(out["methods"]))
+    runs.cli(Config, main, plot)

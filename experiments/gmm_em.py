@@ -101,29 +101,23 @@ def _log(msg: str) -> None:
 def moments_from_labels(
     x: np.ndarray, labels: np.ndarray, k: int, covariance_type: str, reg_covar: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One M-step from hard labels (scikit-learn's ``init_params="kmeans"``), in NumPy.
+    """One M-step from hard labels (scikit-learn's ``init_params="kmeans"``).
 
-    Returns ``(weights (k,), means (k, d), covariances)`` in scikit-learn's layout. Empty
-    clusters get ``10 * eps`` mass, as in scikit-learn, so nothing divides by zero.
+    ``emvi.gmm``'s closed-form M-step (``expected_stats`` then ``m_step``) on one-hot
+    responsibilities, on the centred data, means shifted back. Returns ``(weights (k,),
+    means (k, d), covariances)`` in scikit-learn's layout; empty clusters get ``10 * eps``
+    mass, as in scikit-learn, and start at the data mean (scikit-learn: the origin).
     """
-    n, d = x.shape
-    resp = np.zeros((n, k), x.dtype)
-    resp[np.arange(n), labels] = 1.0
-    nk = resp.sum(0) + 10 * np.finfo(x.dtype).eps
-    means = resp.T @ x / nk[:, None]
-    diffs = x[None, :, :] - means[:, None, :]  # (k, n, d)
-    if covariance_type == "full":
-        cov = np.einsum("nk,kni,knj->kij", resp, diffs, diffs) / nk[:, None, None]
-        cov = cov + reg_covar * np.eye(d)[None]
-    elif covariance_type == "diag":
-        cov = np.einsum("nk,kni->ki", resp, diffs**2) / nk[:, None] + reg_covar
-    elif covariance_type == "spherical":
-        cov = (np.einsum("nk,kni->ki", resp, diffs**2) / nk[:, None] + reg_covar).mean(1)
-    elif covariance_type == "tied":
-        cov = np.einsum("nk,kni,knj->ij", resp, diffs, diffs) / n + reg_covar * np.eye(d)
-    else:
-        raise ValueError(f"unknown covariance_type {covariance_type!r}")
-    return nk / n, means, cov
+    xj = jnp.asarray(x)
+    shift = jnp.mean(xj, axis=0)
+    xc = xj - shift[None, :]
+    resp = jax.nn.one_hot(jnp.asarray(labels), k, dtype=xj.dtype)
+    w = jnp.ones(xj.shape[0], xj.dtype)
+    data = gmm.prepare(xc, covariance_type=covariance_type)
+    stats = gmm.expected_stats(resp, data, w, covariance_type=covariance_type)
+    hyper = gmm.GMMHyper(jnp.asarray(reg_covar, xj.dtype))
+    p = gmm.m_step(stats, hyper, covariance_type=covariance_type)
+    return np.asarray(p.weights), np.asarray(p.means + shift[None, :]), np.asarray(p.covariances)
 
 
 def precisions(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
@@ -690,11 +684,4 @@ def plot(workdir) -> list[Path]:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 2 and sys.argv[1] == "plot":  # remake the figures from a run folder
-        print(plot(sys.argv[2]))
-    else:
-        import tyro
-
-        main(tyro.cli(Config))
+    runs.cli(Config, main, plot)

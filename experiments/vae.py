@@ -28,18 +28,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
-from emvi import data, metrics, runs, vae
+from emvi import data, metrics, plotting, runs, vae
 
 KINDS = ("gaussian", "categorical")
 
@@ -108,23 +105,9 @@ def _fingerprint(cfg: Config, kind: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _test_elbo(params, x, model, key, num_samples):
-    if isinstance(model, vae.CategoricalVAE):
-        return vae.categorical_elbo_loss(params, key, x, model=model)[1]
-    return vae.elbo_loss(params, key, x, model=model, num_samples=num_samples)[1]
-
-
 def train_one(cfg: Config, kind: str, split: data.Split, workdir: Path):
     """Trains one VAE; returns (model, params, fit result)."""
     model = build_model(cfg, kind, split.train_x.shape[1])
-    test_x = jnp.asarray(split.test_x)
-    eval_key = jax.random.key(cfg.seed + 1)
-    test_elbo = jax.jit(lambda p: _test_elbo(p, test_x, model, eval_key, 10))
-
-    def eval_fn(params):
-        aux = test_elbo(params)
-        return {"test_elbo": aux["elbo"], "test_kl": aux["kl"]}
-
     use_iwae = kind == "gaussian" and cfg.iwae_k_train > 0
     key = jax.random.fold_in(jax.random.key(cfg.seed), KINDS.index(kind))
     result = vae.fit_vae(
@@ -138,7 +121,7 @@ def train_one(cfg: Config, kind: str, split: data.Split, workdir: Path):
         num_samples=cfg.iwae_k_train if use_iwae else cfg.num_samples,
         beta=cfg.beta,
         workdir=(Path(workdir) / kind).resolve(),  # orbax wants absolute paths
-        eval_fn=eval_fn,
+        eval_fn=vae.elbo_eval_fn(model, split.test_x, jax.random.key(cfg.seed + 1)),
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
         progress=cfg.progress,
@@ -148,81 +131,25 @@ def train_one(cfg: Config, kind: str, split: data.Split, workdir: Path):
     return model, result.state.params, result
 
 
-def _reconstruction_error(key, params, x, model) -> float:
-    """Mean over examples of sum_j (x_j - E[x_j | z])^2 with one z ~ q(z | x)."""
-    recon = vae.reconstruct(key, params, x, model=model)
-    return float(jnp.mean(jnp.sum(jnp.square(recon - jnp.asarray(x)), axis=-1)))
-
-
 def _shown_reconstructions(key, params, x, model, num=16) -> np.ndarray:
     # Reconstruct the whole test set (the shape already compiled for the error) and slice.
     return np.asarray(vae.reconstruct(key, params, x, model=model))[:num]
 
 
-def evaluate_gaussian(cfg: Config, params, model: vae.GaussianVAE, split: data.Split) -> dict:
-    """Test ELBO (100-sample MC), IWAE log-likelihood, latent-usage metrics."""
-    keys = jax.random.split(jax.random.key(cfg.seed + 2), 5)
-    test_x = jnp.asarray(split.test_x)
-    elbo_aux = jax.jit(
-        lambda p, k, x, s: vae.elbo_loss(p, k, x, model=model, num_samples=s)[1],
-        static_argnums=3,
+def evaluate(cfg: Config, kind: str, params, model, split: data.Split) -> dict:
+    """``emvi.vae.evaluate_gaussian`` / ``evaluate_categorical`` on the split."""
+    if kind == "gaussian":
+        return vae.evaluate_gaussian(
+            jax.random.key(cfg.seed + 2),
+            params,
+            split.test_x,
+            split.train_x,
+            model=model,
+            num_samples=cfg.eval_num_samples,
+        )
+    return vae.evaluate_categorical(
+        jax.random.key(cfg.seed + 3), params, split.test_x, split.train_x, model=model
     )
-    aux_test = elbo_aux(params, keys[0], test_x, 100)
-    aux_train = elbo_aux(params, keys[0], jnp.asarray(split.train_x), 10)
-    tic = time.perf_counter()
-    log_lik = vae.log_likelihood(
-        keys[1], params, split.test_x, model=model, num_samples=cfg.eval_num_samples
-    )
-    log_lik = np.asarray(log_lik)
-    ll_time = time.perf_counter() - tic
-    means, scales = vae.encode(params, split.test_x, model=model)
-    return {
-        "test_elbo": float(aux_test["elbo"]),
-        "test_recon_log_lik": float(aux_test["recon"]),
-        "test_kl": float(aux_test["kl"]),
-        "train_elbo": float(aux_train["elbo"]),
-        "test_log_likelihood": float(np.mean(log_lik)),
-        "test_log_likelihood_sem": float(np.std(log_lik, ddof=1) / math.sqrt(log_lik.size)),
-        "log_likelihood_method": f"IWAE importance sampling, k={cfg.eval_num_samples}",
-        "log_likelihood_time_s": ll_time,
-        "active_units": int(metrics.active_units(means)),
-        "latent_dim": model.latent_dim,
-        "kl_per_dim": np.asarray(metrics.kl_per_dim(means, scales)).tolist(),
-        "mutual_information": float(metrics.mutual_information(keys[2], means, scales)),
-        "mutual_information_num_points": int(means.shape[0]),
-        "reconstruction_error": _reconstruction_error(keys[3], params, split.test_x, model),
-    }
-
-
-def evaluate_categorical(cfg: Config, params, model: vae.CategoricalVAE, split) -> dict:
-    """Exact test ELBO and log-likelihood, class usage and exact I(x; k) under q."""
-    keys = jax.random.split(jax.random.key(cfg.seed + 3), 2)
-    test_x = jnp.asarray(split.test_x)
-    elbo_terms = jax.jit(lambda p, x: vae.categorical_elbo_terms(p, x, model=model))
-    terms = elbo_terms(params, test_x)
-    train_elbo = float(jnp.mean(elbo_terms(params, jnp.asarray(split.train_x))["elbo"]))
-    log_lik = np.asarray(vae.log_likelihood(keys[0], params, split.test_x, model=model))
-    probs = np.asarray(terms["probs"], np.float64)
-    mean_q = probs.mean(axis=0)
-    entropy = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
-    mi = float(entropy(mean_q) - np.mean(entropy(probs)))
-    return {
-        "test_elbo": float(jnp.mean(terms["elbo"])),
-        "test_recon_log_lik": float(jnp.mean(terms["recon"])),
-        "test_kl": float(jnp.mean(terms["kl"])),
-        "train_elbo": train_elbo,
-        "test_log_likelihood": float(np.mean(log_lik)),
-        "test_log_likelihood_sem": float(np.std(log_lik, ddof=1) / math.sqrt(log_lik.size)),
-        "log_likelihood_method": "exact: logsumexp over the m classes",
-        "active_units": int(np.sum(mean_q > 0.01)),
-        "active_units_definition": "classes with average q(k|x) > 0.01 over the test set",
-        "num_classes": model.num_classes,
-        "kl_per_dim": [float(jnp.mean(terms["kl"]))],
-        "mutual_information": mi,
-        "mutual_information_definition": "exact H(mean_x q(k|x)) - mean_x H(q(k|x))",
-        "mutual_information_num_points": int(probs.shape[0]),
-        "reconstruction_error": _reconstruction_error(keys[1], params, split.test_x, model),
-    }
 
 
 def figure_arrays(cfg: Config, trained: dict, split: data.Split) -> dict:
@@ -277,10 +204,7 @@ def main(cfg: Config) -> dict:
         train_time = time.perf_counter() - tic
         print(f"[vae] evaluating the {kind} VAE", flush=True)
         tic = time.perf_counter()
-        if kind == "gaussian":
-            row = evaluate_gaussian(cfg, params, model, split)
-        else:
-            row = evaluate_categorical(cfg, params, model, split)
+        row = evaluate(cfg, kind, params, model, split)
         row.update(
             train_time_s=train_time,
             eval_time_s=time.perf_counter() - tic,
@@ -306,6 +230,7 @@ def main(cfg: Config) -> dict:
     runs.write_json(workdir / "results.json", results)
     if cfg.plots:
         plot(workdir)
+    print(json.dumps(runs.to_jsonable(results), indent=2))
     return results
 
 
@@ -313,24 +238,9 @@ def main(cfg: Config) -> dict:
 # Figures, from the run folder only.
 
 
-def _image_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    side = round(math.sqrt(images.shape[-1]))
-    grid = np.full((rows * (side + 1) - 1, cols * (side + 1) - 1), 0.3)  # grey frame
-    for i, img in enumerate(images[: rows * cols]):
-        r, c = divmod(i, cols)
-        grid[r * (side + 1) : r * (side + 1) + side, c * (side + 1) : c * (side + 1) + side] = (
-            img.reshape(side, side)
-        )
-    return grid
-
-
 def plot(workdir: str | Path) -> list[Path]:
     """Draws the PNG figures from metrics.jsonl, results.json and figures.npz."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     workdir = Path(workdir)
     arrays = dict(np.load(workdir / "figures.npz"))
     kinds = [k for k in KINDS if (workdir / k / "metrics.jsonl").exists()]
@@ -349,7 +259,7 @@ def plot(workdir: str | Path) -> list[Path]:
     ax.set_ylim(bottom=max(ax.get_ylim()[0], -60))
     ax.legend()
     ax.set_title("Learning curves")
-    written.append(_save(fig, workdir / "learning_curves.png"))
+    written.append(plotting.save(fig, workdir / "learning_curves.png"))
 
     recon_kinds = [k for k in kinds if f"recon_{k}" in arrays]
     fig, axes = plt.subplots(1 + len(recon_kinds), 1, figsize=(8, 1.2 * (1 + len(recon_kinds))))
@@ -359,12 +269,12 @@ def plot(workdir: str | Path) -> list[Path]:
         [("test data", arrays["test_x"])] + [(k, arrays[f"recon_{k}"]) for k in recon_kinds],
         strict=True,
     ):
-        ax.imshow(_image_grid(images, 1, len(images)), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(plotting.image_grid(images, 1, len(images)), cmap="gray_r", vmin=0, vmax=1)
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Reconstructions E[x | z], z ~ q(z | x)")
-    written.append(_save(fig, workdir / "reconstructions.png"))
+    written.append(plotting.save(fig, workdir / "reconstructions.png"))
 
     panels = []
     if "samples_gaussian" in arrays:
@@ -376,17 +286,17 @@ def plot(workdir: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
         for ax, (title, images, cols) in zip(np.atleast_1d(axes), panels, strict=True):
             rows = math.ceil(len(images) / cols)
-            ax.imshow(_image_grid(images, rows, cols), cmap="gray_r", vmin=0, vmax=1)
+            ax.imshow(plotting.image_grid(images, rows, cols), cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
         fig.suptitle("Samples: decoder means E[x | z]")
-        written.append(_save(fig, workdir / "samples.png"))
+        written.append(plotting.save(fig, workdir / "samples.png"))
 
     if "traversal_gaussian" in arrays:
         trav = arrays["traversal_gaussian"]
         fig, ax = plt.subplots(figsize=(5, 0.6 * trav.shape[0] + 0.8))
         ax.imshow(
-            _image_grid(trav.reshape(-1, trav.shape[-1]), trav.shape[0], trav.shape[1]),
+            plotting.image_grid(trav.reshape(-1, trav.shape[-1]), trav.shape[0], trav.shape[1]),
             cmap="gray_r",
             vmin=0,
             vmax=1,
@@ -405,21 +315,9 @@ def plot(workdir: str | Path) -> list[Path]:
             [side * i + side / 2 - 1 for i in range(len(vals))], [f"{v:.1f}" for v in vals]
         )
         ax.set_title("Latent traversals (other dims 0), by KL")
-        written.append(_save(fig, workdir / "traversals.png"))
+        written.append(plotting.save(fig, workdir / "traversals.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "plot":
-        print("\n".join(str(p) for p in plot(sys.argv[2])))
-    else:
-        print(json.dumps(runs.to_jsonable(main(tyro.cli(Config))), indent=2))
+    runs.cli(Config, main, plot)
