@@ -681,10 +681,12 @@ def _forward_sequential(log_pi, log_a, lb, mask):
     c0 = jax.nn.logsumexp(a0, axis=1)
     alpha0 = _normalise_log(a0, c0, k)
 
+    a_mat = jnp.exp(log_a)
+
     def step(carry, inp):
         alpha, ll = carry
         lbt, mt = inp
-        pred = jax.nn.logsumexp(alpha[:, :, None] + log_a[None], axis=1)
+        pred = _log_matvec(alpha, a_mat, left=True)
         a = pred + lbt
         c = jax.nn.logsumexp(a, axis=1)
         new = _normalise_log(a, c, k)
@@ -695,6 +697,29 @@ def _forward_sequential(log_pi, log_a, lb, mask):
     (_, ll), alphas = lax.scan(step, (alpha0, c0), (lb_t[1:], m_t[1:]))
     alphas = jnp.concatenate([alpha0[None], alphas], axis=0)
     return jnp.swapaxes(alphas, 0, 1), ll
+
+
+def _row_max(v: Array) -> Array:
+    """(n, k) -> (n, 1) row maxima, 0 for a row that is -inf everywhere (so v - max is -inf,
+    not NaN)."""
+    m = jnp.max(v, axis=-1, keepdims=True)
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _log_matvec(v: Array, a_mat: Array, *, left: bool) -> Array:
+    r"""Log of a matrix-vector product from log vectors, one matmul instead of k^2 exps.
+
+    ``left``: :math:`\log \sum_i e^{v_i} A_{ij}`; else :math:`\log \sum_j A_{ij} e^{v_j}`,
+    computed as :math:`m + \log(e^{v - m} A)` with :math:`m = \max_i v_i`. Exact to rounding
+    whenever the largest term is representable: the term of :math:`i^* = rg\max v` is
+    :math:`A_{i^* j}`, so the result can only underflow to -inf where every :math:`A_{ij}
+    e^{v_i - m}` is below the dtype's smallest normal number (about 1e-308 in float64, 1e-38
+    in float32), i.e. where the state is unreachable to that precision anyway.
+    """
+    m = _row_max(v)
+    e = jnp.exp(v - m)
+    prod = e @ a_mat if left else e @ a_mat.T
+    return jnp.log(prod) + m
 
 
 def _normalise_log(a: Array, c: Array, k: int) -> Array:
@@ -710,16 +735,48 @@ def _backward_sequential(log_a, lb, mask):
     n, k = lb_t.shape[1], lb_t.shape[2]
     last = jnp.zeros((n, k), lb.dtype)
 
+    a_mat = jnp.exp(log_a)
+
     def step(beta_next, inp):
         lb_next, m_next = inp
-        b = jax.nn.logsumexp(log_a[None] + (lb_next + beta_next)[:, None, :], axis=2)
-        b = b - jnp.max(b, axis=1, keepdims=True)
+        b = _normalise(_log_matvec(lb_next + beta_next, a_mat, left=False))
         beta = jnp.where(m_next[:, None], b, 0.0)
         return beta, beta
 
     _, betas = lax.scan(step, last, (lb_t[1:], m_t[1:]), reverse=True)
     betas = jnp.concatenate([betas, last[None]], axis=0)
     return jnp.swapaxes(betas, 0, 1)
+
+
+def _forward_backward_sequential(log_pi, log_a, lb, mask):
+    """Both passes in one ``lax.scan``: step s runs the forward recursion at time s and the
+    backward one at time t - 1 - s (they are independent), halving the loop's overhead.
+    Returns the outputs of :func:`_forward_sequential` and :func:`_backward_sequential`."""
+    lb_t = jnp.swapaxes(lb, 0, 1)  # (t, n, k)
+    m_t = mask.T
+    n, k = lb_t.shape[1], lb_t.shape[2]
+    a_mat = jnp.exp(log_a)
+    a0 = log_pi[None, :] + lb_t[0]
+    c0 = jax.nn.logsumexp(a0, axis=1)
+    alpha0 = _normalise_log(a0, c0, k)
+    beta_last = jnp.zeros((n, k), lb.dtype)
+
+    def step(carry, inp):
+        alpha, ll, beta_next = carry
+        lbt, mt, lb_next, m_next = inp
+        a = _log_matvec(alpha, a_mat, left=True) + lbt
+        c = jax.nn.logsumexp(a, axis=1)
+        alpha = jnp.where(mt[:, None], _normalise_log(a, c, k), alpha)
+        ll = ll + jnp.where(mt, c, 0.0)
+        b = _normalise(_log_matvec(lb_next + beta_next, a_mat, left=False))
+        beta = jnp.where(m_next[:, None], b, 0.0)
+        return (alpha, ll, beta), (alpha, beta)
+
+    rev = (lb_t[1:][::-1], m_t[1:][::-1])
+    (_, ll, _), (alphas, betas) = lax.scan(step, (alpha0, c0, beta_last), (lb_t[1:], m_t[1:], *rev))
+    alphas = jnp.concatenate([alpha0[None], alphas], axis=0)
+    betas = jnp.concatenate([betas[::-1], beta_last[None]], axis=0)
+    return jnp.swapaxes(alphas, 0, 1), jnp.swapaxes(betas, 0, 1), ll
 
 
 def _scan_elements(log_pi, log_a, lb, mask):
@@ -764,7 +821,7 @@ def _parallel_messages(log_pi, log_a, lb, mask, semiring: str = "log"):
 
 
 def _normalise(v: Array) -> Array:
-    return v - jnp.max(v, axis=-1, keepdims=True)
+    return v - _row_max(v)
 
 
 def messages(
@@ -795,8 +852,8 @@ def messages(
         ok = jnp.isfinite(c)[..., None]
         log_f = jnp.where(ok, alpha - jnp.where(ok, c[..., None], 0.0), -math.log(k))
         return Messages(log_f, _normalise(beta), ll)
-    log_f, ll = _forward_sequential(log_pi, log_a, lb, mask)
-    return Messages(log_f, _backward_sequential(log_a, lb, mask), ll)
+    log_f, log_b, ll = _forward_backward_sequential(log_pi, log_a, lb, mask)
+    return Messages(log_f, log_b, ll)
 
 
 def _pairwise_logits(log_f, log_b, log_a, lb):
@@ -810,34 +867,31 @@ def _softmax2(v: Array) -> Array:
     return jax.nn.softmax(v.reshape(*sh[:-2], -1), axis=-1).reshape(sh)
 
 
-def _transition_counts(log_f, log_b, log_a, lb, w_pair, block: int = 1 << 21) -> Array:
-    r""":math:`\sum_{n, t} w_{n,t} \xi^{(n)}_t`, summed in blocks of (n, t) pairs so that no
-    (n, t, k, k) array larger than ``block`` entries exists."""
-    _n, t, k = log_f.shape
-    if t < 2:
+def _transition_counts(log_f, log_b, log_a, lb, w_pair) -> Array:
+    r""":math:`\sum_{n, t} w_{n,t} \xi^{(n)}_t` as one matmul.
+
+    With :math:`u = \log\hat\alpha_t`, :math:`v = \ell_{t+1} + \log\beta_{t+1}`, each
+    shifted by its maximum, :math:`\xi_t = e^{u} (e^{v})^\top \odot A / Z_t` with
+    :math:`Z_t = (e^u)^\top A e^v \ge A_{i^* j^*}` (the term of the two maxima), so
+
+    .. math::
+        \sum_t w_t \xi_t = A \odot \big(E_u^\top \operatorname{diag}(w / Z) E_v\big),
+
+    2 k exps per step instead of k^2. A step whose :math:`Z_t` underflows (possible only if
+    :math:`A_{i^* j^*}` is below the smallest normal number) contributes nothing rather than NaN.
+    """
+    k = log_f.shape[-1]
+    if log_f.shape[1] < 2:
         return jnp.zeros((k, k), log_f.dtype)
-    right = (lb[:, 1:] + log_b[:, 1:]).reshape(-1, k)
-    left = log_f[:, :-1].reshape(-1, k)
-    w = w_pair.reshape(-1)
-    m = left.shape[0]
-    size = max(1, min(m, block // (k * k)))
-    num = -(-m // size)
-    pad = num * size - m
-    if pad:
-        left = jnp.concatenate([left, jnp.zeros((pad, k), left.dtype)])
-        right = jnp.concatenate([right, jnp.zeros((pad, k), right.dtype)])
-        w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
-    left = left.reshape(num, size, k)
-    right = right.reshape(num, size, k)
-    w = w.reshape(num, size)
-
-    def body(acc, blk):
-        lf, rt, wb = blk
-        xi = _softmax2(lf[:, :, None] + log_a[None] + rt[:, None, :])
-        return acc + jnp.einsum("s,sij->ij", wb, xi), None
-
-    acc, _ = lax.scan(body, jnp.zeros((k, k), log_f.dtype), (left, right, w))
-    return acc
+    a_mat = jnp.exp(log_a)
+    u = log_f[:, :-1].reshape(-1, k)
+    v = (lb[:, 1:] + log_b[:, 1:]).reshape(-1, k)
+    eu = jnp.exp(u - _row_max(u))
+    ev = jnp.exp(v - _row_max(v))
+    z = jnp.sum((eu @ a_mat) * ev, axis=1)
+    ok = z > 0
+    scale = jnp.where(ok, w_pair.reshape(-1) / jnp.where(ok, z, 1.0), 0.0)
+    return a_mat * ((eu * scale[:, None]).T @ ev)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+r"""Benchmark: EM iterations of emvi's HMM against hmmlearn, from the same initialisation.
+
+Two cases, Gaussian "diag" emissions, float64:
+
+* ``batch``: 100 sequences of length 1,000, k = 10 states, d = 8;
+* ``long``: one sequence of length 100,000, k = 25 states, d = 8.
+
+Data are sampled from a random HMM; every method starts from the *same* parameters (uniform
+initial distribution, a random near-uniform transition matrix, means at k random data
+points, unit variances) and runs ``iters`` iterations with the tolerance disabled, so the
+log-likelihood histories must agree to rounding (reported as the largest relative
+difference). Time per iteration is the median over ``repeats`` whole fits divided by
+``iters``; emvi's compile time is excluded by a warm-up fit of the same shapes. emvi runs
+with the sequential ``lax.scan`` and with the parallel associative scan; the parallel scan
+does O(t k^3) work against O(t k^2) and holds (t, k, k, k) temporaries, so on a CPU it is
+slower, and for the long case it is run on the first ``parallel_long_t`` steps only (the
+full 100,000 would need about t k^3 * 8 bytes = 12 GB).
+
+dynamax is not timed: it installs next to jax 0.10.2, but pulls an unpinned
+``tfp-nightly`` and a web-UI stack (python-fasthtml, uvicorn, ...) that this project does
+not pin (see the README).
+
+Usage::
+
+    nice -n 10 python scripts/bench_hmm.py --out runs/bench_hmm.json
+    python scripts/bench_hmm.py --quick
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
+from emvi import hmm  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    out: Path | None = None
+    """Write the results as JSON here."""
+    iters: int = 5
+    """EM iterations per fit (tolerance disabled)."""
+    repeats: int = 3
+    """Timed fits per method (median)."""
+    parallel_long_t: int = 5_000
+    """Steps of the long sequence that the parallel scan is timed on (CPU memory)."""
+    quick: bool = False
+    """Tiny sizes (a smoke test of the script)."""
+
+
+def _problem(seed: int, n: int, t: int, k: int, d: int):
+    rng = np.random.default_rng(seed)
+    true = hmm.HMMParams(
+        jnp.full(k, 1.0 / k),
+        jnp.asarray(rng.dirichlet(np.full(k, 1.0), size=k) * 0.5 + 0.5 * np.eye(k)),
+        hmm.GaussianParams(jnp.asarray(rng.normal(size=(k, d)) * 3.0), jnp.ones((k, d))),
+    )
+    x, _ = hmm.sample(jax.random.key(seed), true, n, t, emission=hmm.Gaussian("diag"))
+    x = np.asarray(x)
+    flat = x.reshape(-1, d)
+    p0 = hmm.HMMParams(
+        jnp.full(k, 1.0 / k),
+        jnp.asarray(rng.dirichlet(np.full(k, 10.0 * k), size=k)),
+        hmm.GaussianParams(
+            jnp.asarray(flat[rng.choice(flat.shape[0], k, replace=False)]), jnp.ones((k, d))
+        ),
+    )
+    return x, p0
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _emvi(x, p0, iters, parallel):
+    def run():
+        res = hmm.fit(
+            jax.random.key(0), x, p0.initial.shape[0], emission=hmm.Gaussian("diag"),
+            init=p0, max_iter=iters, tol=0.0, reg_covar=0.0, parallel=parallel,
+        )  # fmt: skip
+        jax.block_until_ready(res)
+        return res
+
+    return run
+
+
+def _hmmlearn(x, p0, iters):
+    from hmmlearn import hmm as hl
+
+    k = p0.initial.shape[0]
+    flat = x.reshape(-1, x.shape[-1])
+    lengths = np.full(x.shape[0], x.shape[1])
+
+    def run():
+        m = hl.GaussianHMM(
+            k, covariance_type="diag", n_iter=iters, tol=-np.inf, init_params="",
+            params="stmc", covars_prior=0.0, min_covar=0.0,
+        )  # fmt: skip
+        m.startprob_, m.transmat_ = np.asarray(p0.initial), np.asarray(p0.transition)
+        m.means_, m.covars_ = np.asarray(p0.emission.means), np.asarray(p0.emission.covariances)
+        m.fit(flat, lengths)
+        return m
+
+    return run
+
+
+def bench_case(name, x, p0, args: Args, parallel_t: int | None = None) -> dict:
+    n, t, d = x.shape
+    k = p0.initial.shape[0]
+    row = dict(case=name, n=n, t=t, k=k, d=d, iters=args.iters)
+    ref = _hmmlearn(x, p0, args.iters)()
+    hist_ref = np.asarray(ref.monitor_.history)
+    row["hmmlearn_ms_per_iter"] = 1e3 * _time(_hmmlearn(x, p0, args.iters), 1) / args.iters
+    for parallel in (False, True):
+        key = "parallel" if parallel else "sequential"
+        xs = x if parallel_t is None or not parallel else x[:, :parallel_t]
+        run = _emvi(xs, p0, args.iters, parallel)
+        res = run()  # compile
+        row[f"emvi_{key}_ms_per_iter"] = 1e3 * _time(run, args.repeats) / args.iters
+        row[f"emvi_{key}_t"] = xs.shape[1]
+        if xs.shape[1] == t:
+            hist = np.asarray(res.history) * n
+            row[f"emvi_{key}_history_rel_diff"] = float(
+                np.max(np.abs(hist - hist_ref) / np.abs(hist_ref))
+            )
+    row["speedup_sequential"] = row["hmmlearn_ms_per_iter"] / row["emvi_sequential_ms_per_iter"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(args: Args) -> dict:
+    if args.quick:
+        cases = [("batch", 4, 50, 3, 2, None), ("long", 1, 400, 4, 2, 200)]
+    else:
+        cases = [
+            ("batch", 100, 1000, 10, 8, None),
+            ("long", 1, 100_000, 25, 8, args.parallel_long_t),
+        ]
+    rows = []
+    for name, n, t, k, d, pt in cases:
+        x, p0 = _problem(0, n, t, k, d)
+        rows.append(bench_case(name, x, p0, args, pt))
+    out = dict(
+        rows=rows,
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        cpus=os.cpu_count(),
+        command="python scripts/bench_hmm.py" + (" --quick" if args.quick else ""),
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

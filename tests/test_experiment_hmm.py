@@ -1,0 +1,41 @@
+"""Smoke test of the HMM experiment (experiments/hmm.py) and benchmark (scripts/bench_hmm.py)
+on tiny settings: the run folder is complete, the numbers are finite, and the figures can be
+remade from the folder alone."""
+
+import json
+import math
+from pathlib import Path
+
+from emvi.runs import load_script, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+exp = load_script(ROOT / "experiments/hmm.py")
+
+
+def test_hmm_experiment_smoke(tmp_path):
+    cfg = exp.Config(
+        workdir=tmp_path / "run",
+        states=(2,),
+        num_init=1,
+        max_iter=5,
+        num_train=60,
+        decode_examples=3,
+        synthetic_sequences=6,
+        synthetic_max_length=40,
+    )
+    results = exp.main(cfg)
+    run = cfg.workdir
+    for name in ("config.json", "metrics.jsonl", "results.json", "arrays.npz", *exp.FIGURES):
+        assert (run / name).is_file(), name
+    rows = results["digits"]["rows"]
+    assert [r["states"] for r in rows] == [2]
+    assert all(math.isfinite(r["test_log_likelihood"]) for r in rows)
+    syn = results["synthetic"]
+    assert 0.0 <= syn["viterbi_state_accuracy"] <= 1.0
+    assert all(math.isfinite(v) for v in syn["max_abs_error"].values())
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert len(read_metrics(run)) == 2
+    for fig in exp.FIGURES:
+        (run / fig).unlink()
+    written = exp.plot(run)
+    assert sorted(p.name for p in written) == sorted(exp.FIGURES)
