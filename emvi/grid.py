@@ -246,6 +246,11 @@ class CornerResult(NamedTuple):
     compile_time: float
 
 
+def _step_key(key, t):
+    """The key of iteration t; ``key`` itself initialises the cell."""
+    return jax.random.fold_in(key, t + 1)
+
+
 def _cell_step(cell, key, state, batch, hyper):
     return cell.step(key, state, batch, hyper)
 
@@ -284,8 +289,8 @@ def run_corner(
     q are recorded (outside the timed region).
 
     Args:
-      key: a typed PRNG key; split into the key of ``cell.init`` (an encoder's
-        initialisation) and the keys of the steps (``fold_in(k_steps, t)``).
+      key: a typed PRNG key: ``cell.init`` gets it (an encoder's initialisation, as
+        ``encoder.init(key, x[:1])``), and iteration t gets ``fold_in(key, t + 1)``.
       cell: a :class:`Cell` built from pieces for ``model``.
       model: the :class:`emvi.em.ExactModel` the pieces were built for (its ``log_prob``
         and ``elbo`` make the history).
@@ -311,10 +316,9 @@ def run_corner(
     if weights is not None:
         weights = _checks.check_sample_weight(weights, arr.shape[0])
     batch = estep.make_batch(model, arr, weights)
-    k_init, k_steps = jax.random.split(key)
-    state = _init_jit(cell, k_init, params, batch)
+    state = _init_jit(cell, key, params, batch)
     t0 = time.perf_counter()  # warm-up: compile and run once, discarding the result
-    jax.block_until_ready(_step_jit(cell, jax.random.fold_in(k_steps, 0), state, batch, hyper))
+    jax.block_until_ready(_step_jit(cell, _step_key(key, 0), state, batch, hyper))
     compile_time = time.perf_counter() - t0
     rows = [tuple(float(v) for v in _evaluate(model, state.m.params, state.e.q, batch))]
     times = [0.0]
@@ -325,7 +329,7 @@ def run_corner(
         iterator = tqdm(iterator, leave=False)
     for t in iterator:
         t0 = time.perf_counter()
-        state, _ = _step_jit(cell, jax.random.fold_in(k_steps, t), state, batch, hyper)
+        state, _ = _step_jit(cell, _step_key(key, t), state, batch, hyper)
         jax.block_until_ready(state)
         times.append(times[-1] + time.perf_counter() - t0)
         rows.append(tuple(float(v) for v in _evaluate(model, state.m.params, state.e.q, batch)))
@@ -374,7 +378,6 @@ def run_cell(
     Returns:
       ``(final_state, trace)``.
     """
-    k_init, k_steps = jax.random.split(key)
     wsum = jnp.sum(batch.weights)
 
     def record(state):
@@ -387,10 +390,10 @@ def run_cell(
         )
 
     def body(state, t):
-        state, _ = cell.step(jax.random.fold_in(k_steps, t), state, batch, hyper)
+        state, _ = cell.step(_step_key(key, t), state, batch, hyper)
         return state, record(state)
 
-    state = cell.init(k_init, params, batch)
+    state = cell.init(key, params, batch)
     final, rows = lax.scan(body, state, jnp.arange(num_iters))
     first = record(state)
     trace = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rows)
