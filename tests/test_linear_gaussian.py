@@ -19,14 +19,10 @@ from scipy.stats import multivariate_normal
 
 from emvi import em
 from emvi import linear_gaussian as lg
+from emvi.testing import JIT_VARIANTS, assert_trees_close, variant
 
 NOISES = ("isotropic", "diagonal")
 D, L, N = 6, 2, 15
-
-
-def _maybe_jit(fn, use_jit, **static):
-    f = functools.partial(fn, **static) if static else fn
-    return jax.jit(f) if use_jit else f
 
 
 def _params(rng, noise, d=D, ell=L):
@@ -68,10 +64,6 @@ def _data(rng, n=N, d=D, offset=4.0):
     return jnp.asarray(rng.standard_normal((n, d)) * 1.5 + offset)
 
 
-def _allclose_tree(a, b, **tol):
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, **tol), a, b)
-
-
 # --------------------------------------------------------------------------------------
 # The protocol
 # --------------------------------------------------------------------------------------
@@ -89,39 +81,39 @@ def test_model_fills_every_field_of_the_protocol(noise):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("variant_name", JIT_VARIANTS)
 @pytest.mark.parametrize("noise", NOISES)
-def test_log_prob_matches_scipy_multivariate_normal(rng, noise, use_jit):
+def test_log_prob_matches_scipy_multivariate_normal(rng, noise, variant_name):
     params = _params(rng, noise)
     x = _data(rng)
     expected = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(np.asarray(x))
-    got = _maybe_jit(lg.log_prob, use_jit)(params, x)
+    got = variant(variant_name, lg.log_prob)(params, x)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("variant_name", JIT_VARIANTS)
 @pytest.mark.parametrize("noise", NOISES)
-def test_posterior_matches_gaussian_conditioning_of_the_joint(rng, noise, use_jit):
+def test_posterior_matches_gaussian_conditioning_of_the_joint(rng, noise, variant_name):
     """(z, x) is jointly Gaussian with Cov[z, x] = W^T and Cov[x] = C: condition on x."""
     params = _params(rng, noise)
     x = _data(rng)
     w, mu, c = np.asarray(params.loadings), np.asarray(params.mean), _np_cov(params)
     gain = np.linalg.solve(c, w).T  # W^T C^{-1}
-    q = _maybe_jit(lg.posterior, use_jit)(params, x)
+    q = variant(variant_name, lg.posterior)(params, x)
     np.testing.assert_allclose(q.mean, (np.asarray(x) - mu) @ gain.T, rtol=1e-10)
     cov = np.broadcast_to(np.eye(L) - gain @ w, (N, L, L))
     np.testing.assert_allclose(q.cov, cov, rtol=1e-10)
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("variant_name", JIT_VARIANTS)
 @pytest.mark.parametrize("noise", NOISES)
-def test_elbo_plus_kl_equals_log_prob(rng, noise, use_jit):
+def test_elbo_plus_kl_equals_log_prob(rng, noise, variant_name):
     """ELBO(q) + KL(q || p(z|x)) = log p(x) for arbitrary full-covariance q, and the bound
     touches at the posterior; the KL is NumPy's, the log p SciPy's."""
     params = _params(rng, noise)
     x = _data(rng)
     lp = multivariate_normal(np.asarray(params.mean), _np_cov(params)).logpdf(np.asarray(x))
-    elbo = _maybe_jit(lg.elbo, use_jit)
+    elbo = variant(variant_name, lg.elbo)
     post = lg.posterior(params, x)
     np.testing.assert_allclose(elbo(params, post, x), lp, rtol=1e-12)
     q = _random_q(rng)
@@ -152,24 +144,24 @@ def test_log_joint_matches_scipy_at_batched_latent_points(rng):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("variant_name", JIT_VARIANTS)
 @pytest.mark.parametrize("noise", NOISES)
 def test_expected_stats_at_the_posterior_equal_the_e_step_and_drive_one_em_step(
-    rng, noise, use_jit
+    rng, noise, variant_name
 ):
     params = _params(rng, noise)
     data = lg.prepare(_data(rng))
     w = jnp.asarray(rng.uniform(0.5, 2.0, N))
     mdl = lg.model(noise)
-    stats, ll = _maybe_jit(mdl.e_step, use_jit)(params, data, w)
+    stats, ll = variant(variant_name, mdl.e_step)(params, data, w)
     q = mdl.posterior(params, data)
-    stats_q = _maybe_jit(mdl.expected_stats, use_jit)(q, data, w)
-    _allclose_tree(stats, stats_q, rtol=1e-12, atol=1e-12)
+    stats_q = variant(variant_name, mdl.expected_stats)(q, data, w)
+    assert_trees_close(stats, stats_q, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ll, jnp.sum(w * mdl.log_prob(params, data)), rtol=1e-12)
     # The closed-form M-step from the posterior's statistics is one iteration of the driver.
-    new = _maybe_jit(mdl.m_step, use_jit)(stats_q, None)
+    new = variant(variant_name, mdl.m_step)(stats_q, None)
     one = em.run_em(mdl, params, data, w, max_iter=1, tol=0.0)
-    _allclose_tree(new, one.params, rtol=1e-12)
+    assert_trees_close(new, one.params, rtol=1e-12)
 
 
 def _objective(u, q, x, w, hyper):
@@ -236,17 +228,19 @@ def test_map_em_never_decreases_the_log_posterior(rng, noise):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("variant_name", JIT_VARIANTS)
 @pytest.mark.parametrize("noise", NOISES)
-def test_bijections_round_trip_and_the_posterior_is_in_the_q_family(rng, noise, use_jit):
+def test_bijections_round_trip_and_the_posterior_is_in_the_q_family(rng, noise, variant_name):
     mdl = lg.model(noise)
     params = _params(rng, noise)
-    back = _maybe_jit(lambda p: mdl.from_unconstrained(mdl.to_unconstrained(p)), use_jit)(params)
-    _allclose_tree(back, params, rtol=1e-13)
+    back = variant(variant_name, lambda p: mdl.from_unconstrained(mdl.to_unconstrained(p)))(params)
+    assert_trees_close(back, params, rtol=1e-13)
     q = lg.posterior(params, _data(rng))
-    u = _maybe_jit(mdl.q_to_unconstrained, use_jit)(q)
+    u = variant(variant_name, mdl.q_to_unconstrained)(q)
     assert u.shape == (N, L + L * (L + 1) // 2)
-    _allclose_tree(_maybe_jit(mdl.q_from_unconstrained, use_jit)(u), q, rtol=1e-12, atol=1e-14)
+    assert_trees_close(
+        variant(variant_name, mdl.q_from_unconstrained)(u), q, rtol=1e-12, atol=1e-14
+    )
     # Any real vector is a valid q (positive-definite covariance), and the map is a bijection.
     raw = jnp.asarray(rng.standard_normal((N, 5)) * 2)
     q_raw = mdl.q_from_unconstrained(raw)
@@ -277,7 +271,7 @@ def test_integer_sample_weights_equal_duplicated_rows_and_chunks_change_nothing(
     b = lg.fit(
         jax.random.key(0), np.repeat(x, counts, axis=0), 2, noise=noise, init=start, **_SETTINGS
     )
-    _allclose_tree(a.params, b.params, rtol=1e-9)
+    assert_trees_close(a.params, b.params, rtol=1e-9)
     np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=1e-12)
     # The E-step over chunks of 7 (with zero-weight padding) gives the same fit.
     c = lg.fit(
@@ -290,7 +284,7 @@ def test_integer_sample_weights_equal_duplicated_rows_and_chunks_change_nothing(
         chunk_size=7,
         **_SETTINGS,
     )
-    _allclose_tree(a.params, c.params, rtol=1e-10)
+    assert_trees_close(a.params, c.params, rtol=1e-10)
 
 
 @functools.partial(jax.jit, static_argnames="noise")
@@ -336,7 +330,7 @@ def test_rank_deficient_data_without_a_floor_is_refused_and_finite_with_one(nois
 def test_pca_init_is_the_ppca_maximum():
     x = _gap_data(9)
     p = lg.init_params(jax.random.key(0), jnp.asarray(x), 2, noise="isotropic", method="pca")
-    _allclose_tree(p, lg.closed_form_ml(x, 2), rtol=1e-12)
+    assert_trees_close(p, lg.closed_form_ml(x, 2), rtol=1e-12)
     res = lg.fit(jax.random.key(0), x, 2, noise="isotropic", init="pca", max_iter=6, tol=1e-10)
     assert int(res.num_iter) <= 3  # one step to confirm the fixed point, one to stop
 
