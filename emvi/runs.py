@@ -45,8 +45,9 @@ _LIBRARIES = (
 def load_script(path: str | os.PathLike):
     """Imports a script (``experiments/vae.py``, say) as a module, once per process.
 
-    Experiment scripts are not package modules; experiments that reuse each other and the
-    tests that call their ``main`` load them with this. The module is registered in
+    Experiment scripts are not package modules, and they never import each other (what
+    they share lives in the library); the tests that call their ``main`` load them with
+    this. The module is registered in
     ``sys.modules`` (as ``_emvi_script_<stem>``) before it runs, which dataclasses need.
     """
     import importlib.util

@@ -41,3 +41,23 @@ def test_float64_input_with_x64_stays_float64():
     from emvi._checks import as_data_matrix
 
     assert as_data_matrix(np.zeros((3, 2))).dtype == np.float64
+
+
+def test_runs_cli_dispatches_plot_or_flags(capsys):
+    import dataclasses
+
+    from emvi import runs
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        size: int = 3
+        """A flag."""
+
+    calls = []
+    main = lambda cfg: calls.append(("main", cfg.size)) or "ran"
+    plot = lambda d: calls.append(("plot", d)) or ["a.png"]
+    assert runs.cli(Config, main, plot, argv=["--size", "5"]) == "ran"
+    assert runs.cli(Config, main, plot, argv=[]) == "ran"
+    assert runs.cli(Config, main, plot, argv=["plot", "runs/x"]) == ["a.png"]
+    assert calls == [("main", 5), ("main", 3), ("plot", "runs/x")]
+    assert "a.png" in capsys.readouterr().out
