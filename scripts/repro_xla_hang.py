@@ -13,9 +13,10 @@ Cases (``--case``):
   deadlocked, on a full-covariance GMM of the digits (1797 x 64, k = 10, float64).
 * ``fit``: ``gmm.fit(covariance_type="full", chunk_size=...)`` as in the issue, scaled down
   (``--n``, ``--d``, ``--k``, ``--chunk``, ``--iters``).
-* ``minimal``: emvi-free: a ``lax.fori_loop`` of ``--iters`` iterations, each a batched
-  Cholesky of ``--k`` matrices ``--d`` x ``--d`` and two *independent* triangular solves
-  with its factor (what the chunked E-step compiled to: see ``em.chunked_e_step``).
+* ``minimal``: emvi-free: a ``lax.fori_loop`` of ``--iters`` iterations, each two
+  independent chains of a large matmul (``--n`` x ``k d`` by ``k d`` x ``d``), a batched
+  Cholesky of ``--k`` matrices ``--d`` x ``--d`` and a triangular solve with it (two
+  independent LAPACK calls, as the chunked E-step compiled to: see ``em.chunked_e_step``).
 
 Usage::
 
@@ -106,21 +107,23 @@ def _child(args: argparse.Namespace) -> None:
         a0 = jnp.broadcast_to(jnp.eye(d) * 2.0, (k, d, d))
         eye = jnp.broadcast_to(jnp.eye(d), (k, d, d))
 
-        feats = jnp.asarray(np.random.default_rng(args.seed).normal(size=(args.n, d)))
+        feats = jnp.asarray(np.random.default_rng(args.seed).normal(size=(args.n, k * d)))
+
+        def chain(a, scale):
+            # A large matmul and fusion (run in pieces on the intra-op pool), then a batched
+            # Cholesky and triangular solve (lapack_dpotrf_ffi, lapack_dtrsm_ffi, batch k).
+            g = jnp.tanh(scale * feats @ a.reshape(k * d, d)) @ jnp.ones((d, d))
+            cov = a + 1e-9 * jnp.mean(g) * eye
+            return solve_triangular(jnp.linalg.cholesky(cov), eye, lower=True)
 
         def body(_, a):
-            chol = jnp.linalg.cholesky(a)  # one lapack_dpotrf_ffi, batch k
-            # Two independent lapack_dtrsm_ffi calls on the same factor: the thunk executor
-            # may run them at once, each on an intra-op pool thread.
-            inv1 = solve_triangular(chol, eye, lower=True)
-            inv2 = solve_triangular(chol, 2.0 * eye, lower=True)
-            # A few more independent thunks (dots, fusions): XLA:CPU runs a body of at most
-            # 8 thunks sequentially, which never overlaps the two solves.
-            y1 = jnp.tanh(feats @ inv1[0])
-            y2 = jnp.tanh(feats @ inv2[1])
-            g = (y1.T @ y2) / feats.shape[0]
+            # Two independent chains: the thunk executor may start both solves at once.
+            inv1 = chain(a, 1.0)
+            if args.ordered:  # the second chain waits for the first (a data dependence)
+                a = a + 0.0 * inv1[:1, :1, :1]
+            inv2 = chain(a, 2.0)
             prec = jnp.swapaxes(inv1, -1, -2) @ inv2
-            return a + 1e-9 * (prec + jnp.swapaxes(prec, -1, -2) + (g @ g.T)[None])
+            return a + 1e-9 * (prec + jnp.swapaxes(prec, -1, -2))
 
         out = jax.jit(lambda a: lax.fori_loop(0, args.iters, body, a))(a0)
         result = float(jnp.sum(jax.block_until_ready(out)))
@@ -210,6 +213,7 @@ def main() -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--chunk", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ordered", action="store_true", help="minimal: order the two chains")
     p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for the children")
     p.add_argument("--stall-seconds", type=float, default=20.0)
     p.add_argument("--max-seconds", type=float, default=900.0)
@@ -238,6 +242,7 @@ def main() -> int:
         str(args.k),
         "--chunk",
         str(args.chunk),
+        *(["--ordered"] if args.ordered else []),
     ]
     args.dump_dir.mkdir(parents=True, exist_ok=True)
     counts = {"ok": 0, "hung": 0, "failed": 0, "timeout": 0}
