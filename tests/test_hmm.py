@@ -588,3 +588,35 @@ def test_nan_in_padding_is_ignored():
     x[2, 1:] = np.nan  # sequence 2 has length 1
     ll = hmm.log_prob(p, hmm.as_data(x, LENGTHS, emission=emission), emission=emission)
     assert np.all(np.isfinite(np.asarray(ll)))
+
+
+def test_generalised_em_cell_of_the_grid():
+    """The HMM runs in the grid's exact-E + gradient-M cell (emvi.grid.run_cell with
+    estep.exact and mstep.gradient) and climbs to the closed-form EM optimum."""
+    import optax
+
+    from emvi import estep, grid, mstep
+
+    emission = hmm.Categorical(3)
+    true = hmm.HMMParams(
+        jnp.array([0.6, 0.4]),
+        jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+        hmm.CategoricalParams(jnp.array([[0.8, 0.1, 0.1], [0.1, 0.2, 0.7]])),
+    )
+    x, _ = hmm.sample(jax.random.key(0), true, 6, 30, emission=emission)
+    p0 = hmm.HMMParams(
+        jnp.array([0.5, 0.5]),
+        jnp.array([[0.6, 0.4], [0.3, 0.7]]),
+        hmm.CategoricalParams(jnp.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])),
+    )
+    mdl = hmm.model(emission)
+    seqs = hmm.HMMSequences(x, jnp.ones(x.shape, bool))
+    batch = estep.Batch(seqs, mdl.prepare(seqs), jnp.ones(6))
+    cell = grid.Cell(estep.exact(mdl), mstep.gradient(mdl, optimizer=optax.adam(5e-2), num_steps=5))
+    run = jax.jit(grid.run_cell, static_argnames=("cell", "model", "num_iters"))
+    _, trace = run(jax.random.key(1), cell, mdl, p0, batch, None, num_iters=30)
+    ll = np.asarray(trace.log_likelihood)
+    ref = hmm.fit(jax.random.key(0), np.asarray(x), 2, emission=emission, init=p0, max_iter=200,
+                  tol=0.0)  # fmt: skip
+    assert ll[-1] > ll[0] + 1.0
+    np.testing.assert_allclose(ll[-1], float(ref.log_likelihood), atol=1e-4)
