@@ -13,8 +13,9 @@ difference). Time per iteration is one whole fit (hmmlearn) or the median over `
 whole fits (emvi) divided by ``iters``; emvi's compile time is excluded by a warm-up fit of
 the same shapes. emvi runs with the sequential ``lax.scan`` and with the parallel
 associative scan; the parallel scan does O(t k^3) work against O(t k^2) and holds
-(t, k, k, k) temporaries, so on a CPU it is slower, and for the long case it is run on the first ``parallel_long_t`` steps only (the
-full 100,000 would need about t k^3 * 8 bytes = 12 GB).
+(t, k, k, k) temporaries, so on a CPU it is slower, and for the long case it is run on the
+first ``parallel_long_t`` steps only (the full 100,000 would need about t k^3 * 8 bytes =
+12 GB).
 
 dynamax is not timed: it installs next to jax 0.10.2, but pulls an unpinned
 ``tfp-nightly`` and a web-UI stack (python-fasthtml, uvicorn, ...) that this project does
