@@ -418,14 +418,18 @@ def _regression(stats: LinearGaussianStats) -> tuple[Array, Array, Array, Array]
 
 
 def noise_floor_values(var: Float[Array, " d"], relative: Array, *, noise: str) -> Array:
-    """The floor of the noise variances: ``relative`` times the data variance.
+    r"""The floor of the noise variances: ``relative`` times the data variance.
 
     Isotropic: times the variance averaged over features (a scalar). Diagonal: per feature,
-    a constant feature using the average instead. Never below the smallest normal number.
+    a constant feature using the average instead. Never below machine epsilon times that
+    variance (so ``relative=0`` still keeps :math:`W^\top \Psi^{-1} W` representable: a
+    Heywood case drives some :math:`\psi_j` to 0, and at the smallest normal number the
+    posterior precision overflows), nor below the smallest normal number.
     """
     mean_var = jnp.mean(var)
     scale = mean_var if noise == "isotropic" else jnp.where(var > 0, var, mean_var)
-    return jnp.maximum(relative * scale, jnp.finfo(var.dtype).tiny)
+    finfo = jnp.finfo(var.dtype)
+    return jnp.maximum(jnp.maximum(relative, finfo.eps) * scale, finfo.tiny)
 
 
 def m_step(
@@ -735,10 +739,12 @@ def _rank_deficiency_error(arr: np.ndarray, w: np.ndarray | None, latent_dim: in
     wts = np.ones(arr.shape[0]) if w is None else w
     keep = wts > 0
     xw, ww = arr[keep].astype(np.float64), wts[keep] / wts[keep].sum()
-    centred = (xw - ww @ xw) * np.sqrt(ww)[:, None]
-    s = np.linalg.svd(centred, compute_uv=False)
-    eps = np.finfo(arr.dtype).eps
-    rank = int(np.sum(s > s[0] * max(centred.shape) * eps))
+    centred = xw - ww @ xw
+    cov = (centred * ww[:, None]).T @ centred  # d x d: cheaper than an SVD of the data
+    evals = np.linalg.eigvalsh(0.5 * (cov + cov.T))
+    # A zero eigenvalue of a computed covariance comes out at ~d eps lambda_max.
+    tol = 100 * cov.shape[0] * np.finfo(arr.dtype).eps * max(evals[-1], 0.0)
+    rank = int(np.sum(evals > tol))
     if rank <= latent_dim:
         raise ValueError(
             f"x (with its weights) spans an affine subspace of dimension {rank} <= latent_dim "

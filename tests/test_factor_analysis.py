@@ -176,6 +176,14 @@ def test_heywood_case_and_constant_feature_stay_on_the_floor_without_nan():
     assert psi[0] < 1e-4 * var[0] or psi[1] < 1e-4 * var[1]
     h = np.asarray(res.history)
     assert np.all(np.isfinite(h)) and np.all(np.diff(h) >= -1e-9 * np.abs(h[1:]))
+    # With no relative floor the duplicated pair's psi heads for 0; machine epsilon times the
+    # variance still keeps the posterior precision representable, so nothing goes NaN.
+    res0 = fa.fit(jax.random.key(0), x, 2, noise_floor=0.0, max_iter=300, tol=0.0)
+    psi0 = np.asarray(res0.params.noise_variance)
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in res0.params)
+    eps = np.finfo(np.float64).eps
+    assert np.all(psi0 >= eps * np.where(var > 0, var, var.mean()) * (1 - 1e-12))
+    assert min(psi0[0], psi0[1]) < 1e-9 * var[0]
 
 
 def test_sample_matches_model_moments():
