@@ -32,16 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
-
-# XLA:CPU's thunk runtime (jax/jaxlib 0.10.2) deadlocked this script once, in the
-# full-covariance VB fit of the digits (every thread idle, no CPU time for 20 minutes: the
-# hang emvi.em.em_trace's docstring describes); the classic runtime does not.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=false"
-).strip()
 
 import numpy as np
 
