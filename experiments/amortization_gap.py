@@ -85,7 +85,7 @@ class Config:
     gmm_num_test: int = 1000
     gmm_reg_covar: float = 1e-6
     encoder_hidden: tuple[int, ...] = (128,)
-    """Hidden layers of the encoder (emvi.nn.MLP -> the k logits of q)."""
+    """Hidden layers of the encoder (emvi.nn.CategoricalEncoder: x -> the k logits of q)."""
     em_iters: int = 60
     gem_iters: int = 200
     gem_theta_steps: int = 5
@@ -239,6 +239,7 @@ def main(cfg: Config) -> dict:
 
     jax.config.update("jax_enable_x64", cfg.x64)
     from emvi import estep, grid
+    from emvi.nn import CategoricalEncoder
 
     runs.write_config(workdir, cfg)
     dtype = np.float64 if cfg.x64 else np.float32
@@ -248,7 +249,7 @@ def main(cfg: Config) -> dict:
         for d_index, name in enumerate(cfg.datasets):
             k_theta, k_enc, k_gap = jax.random.split(jax.random.fold_in(key, d_index), 3)
             model, x, x_test, theta0, hyper, desc = _load_data(cfg, name, k_theta, dtype)
-            encoder = estep.default_encoder(model, theta0, x, hidden=cfg.encoder_hidden)
+            encoder = CategoricalEncoder(cfg.encoder_hidden, estep.num_q_outputs(model, theta0, x))
             cells = _cells(cfg, model, encoder)
 
             def mean_ll(theta, xs, model=model):
