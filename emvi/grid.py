@@ -12,7 +12,7 @@ by turns in q (an E-step, :mod:`emvi.estep`) and in :math:`\theta` (an M-step,
 :mod:`emvi.mstep`). The pieces are independent, so the grid is their product:
 
 =====================  ===========================  =================================
-E-step \\ M-step        closed form                  gradient (optax on u(theta))
+E-step / M-step        closed form                  gradient (optax on u(theta))
 =====================  ===========================  =================================
 exact                  EM                           generalised EM
 local (free q_i)       variational EM               variational EM, gradient M-step
