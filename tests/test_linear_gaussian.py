@@ -273,7 +273,10 @@ def test_integer_sample_weights_equal_duplicated_rows_and_chunks_change_nothing(
     )
     assert_trees_close(a.params, b.params, rtol=1e-9)
     np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=1e-12)
-    # The E-step over chunks of 7 (with zero-weight padding) gives the same fit.
+    # The E-step over chunks of 7 (with zero-weight padding) gives the same fit; the E-step is
+    # the same code for both noise types, so one of them is enough.
+    if noise == "isotropic":
+        return
     c = lg.fit(
         jax.random.key(0),
         x,
