@@ -681,7 +681,7 @@ def _reconstruct_jit(key, params, x, model, sample):
 
 
 def reconstruct(key: Array, params: VAEParams, x, *, model: Model, sample: bool = False):
-    """Encode, sample z ~ q(z|x), decode (seed 002, section 4.1).
+    """Encode, sample z ~ q(z|x), decode: a reconstruction of x.
 
     Returns:
       (n, d): the decoder mean E[x|z] (Bernoulli probabilities in [0, 1]) or, with
@@ -705,7 +705,7 @@ def _generate_jit(key, params, model, num, sample):
 
 
 def generate(key: Array, params: VAEParams, num: int, *, model: Model, sample: bool = False):
-    """Sample z from the prior and decode it (seed 002, section 4.2).
+    """Sample z from the prior and decode it: a sample of the model.
 
     Returns:
       (num, d): decoder means, or draws x ~ p(x|z) with ``sample=True``.

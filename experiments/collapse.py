@@ -1,6 +1,6 @@
 r"""Uninformative latents ("posterior collapse") and discrete codes on digits-bin.
 
-The claim under test (seed 002, section 8; Zhao, Song & Ermon 2017): with a decoder strong
+The claim under test (Zhao, Song & Ermon 2017; Bowman et al. 2016): with a decoder strong
 enough to model x on its own, maximising the ELBO leaves latent dimensions unused, because
 the KL term pulls every q(z|x) to the prior; an objective that matches only the *aggregate*
 posterior to the prior (InfoVAE / MMD) keeps the code informative.
