@@ -21,14 +21,16 @@ setup: $(STAMP)
 main: $(STAMP)
 	$(BIN)/python experiments/em_vs_vi.py --workdir $(WORKDIR) --overwrite
 
-## The whole test suite (lint first: a style error fails CI as a test would).
+## The whole test suite (lint first: a style error fails CI as a test would), then the
+## docstring examples of the library, run as a user would (JAX defaults: float32, no x64).
 test: $(STAMP)
-	$(BIN)/ruff check emvi experiments scripts tests
+	$(BIN)/ruff check emvi experiments scripts tests docs
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -p no:cacheprovider --doctest-modules emvi docs/examples
 
 lint: $(STAMP)
-	$(BIN)/ruff check emvi experiments scripts tests
-	$(BIN)/ruff format --check emvi experiments scripts tests
+	$(BIN)/ruff check emvi experiments scripts tests docs
+	$(BIN)/ruff format --check emvi experiments scripts tests docs
 
 format: $(STAMP)
 	$(BIN)/ruff format emvi experiments scripts tests

@@ -224,9 +224,13 @@ def _posterior_parts(params: LinearGaussianParams, x: Array) -> tuple[Array, Arr
     eye = jnp.eye(w.shape[1], dtype=w.dtype)
     chol = jnp.linalg.cholesky(eye + u.T @ u)
     c = x - params.mean[None, :]
-    post_mean = cho_solve((chol, True), (w / psi[:, None]).T @ c.T).T
+    # One solve, then a matmul: two independent solves against the same factor would be two
+    # unordered LAPACK calls in the fit loop, which deadlock jaxlib 0.10.2's batched kernels
+    # on XLA:CPU once they are large enough (issue 13; tests/test_hang_regression.py).
     post_cov = cho_solve((chol, True), eye)
-    return post_mean, 0.5 * (post_cov + post_cov.T), chol, c
+    post_cov = 0.5 * (post_cov + post_cov.T)
+    post_mean = c @ ((w / psi[:, None]) @ post_cov)
+    return post_mean, post_cov, chol, c
 
 
 def _log_prob_from_parts(params, post_mean, chol, c) -> Array:

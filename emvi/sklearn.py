@@ -25,8 +25,8 @@ Example:
   >>> x = np.concatenate([np.zeros((20, 2)), np.full((20, 2), 5.0)])
   >>> x = x + np.random.default_rng(0).normal(size=x.shape)
   >>> gm = GaussianMixture(n_components=2, covariance_type="diag", random_state=0).fit(x)
-  >>> sorted(np.round(gm.means_[:, 0]).tolist())
-  [0.0, 5.0]
+  >>> np.round(np.sort(gm.means_[:, 0])).astype(int).tolist()
+  [0, 5]
 """
 
 from __future__ import annotations

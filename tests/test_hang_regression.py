@@ -167,6 +167,22 @@ def test_fit_program_orders_every_lapack_call(covariance_type, chunk_size):
     assert unordered_lapack_calls(_fit_hlo(covariance_type, chunk_size)) == []
 
 
+@pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
+def test_linear_gaussian_fit_program_orders_every_lapack_call(noise):
+    # pPCA / factor analysis: the posterior mean and covariance come from one solve against
+    # the precision's Cholesky factor (two solves against it were two unordered calls).
+    from emvi import linear_gaussian as lg
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(300, 6)))
+    p0 = lg.init_params(jax.random.key(0), x, 2, noise=noise)
+    p0 = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), p0)
+    hyper = lg.make_hyper(None, 1e-6, x.dtype)
+    lowered = em._fit_jit.lower(
+        lg.model(noise), p0, x, None, 1e-3, hyper, max_iter=10, chunk_size=None
+    )
+    assert unordered_lapack_calls(lowered.compile().as_text()) == []
+
+
 def test_em_trace_step_orders_every_lapack_call():
     x, hyper, p0 = _gmm_inputs("full", r=1)
     mdl = gmm.model("full")
