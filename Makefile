@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.emvi-installed
 WORKDIR ?= runs/main
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup main test lint format bench clean
+.PHONY: setup main test test-all lint format bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ main: $(STAMP)
 ## The whole test suite (lint first: a style error fails CI as a test would), then the
 ## docstring examples of the library, run as a user would (JAX defaults: float32, no x64).
 test: $(STAMP)
+	$(BIN)/ruff check emvi experiments scripts tests docs
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m "not slow"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -p no:cacheprovider --doctest-modules emvi docs/examples
+
+## Every test, the slow experiment smoke tests included (about 14 min on 2 cores).
+test-all: $(STAMP)
 	$(BIN)/ruff check emvi experiments scripts tests docs
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -p no:cacheprovider --doctest-modules emvi docs/examples

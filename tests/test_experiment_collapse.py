@@ -38,6 +38,7 @@ def _tiny(module, workdir, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
+@pytest.mark.slow
 def test_main_writes_results_and_figures_and_refuses_to_clobber(collapse, tmp_path):
     cfg = _tiny(collapse, tmp_path / "run")
     results = collapse.main(cfg)

@@ -111,6 +111,7 @@ def test_em_trace_plot_remakes_the_figure_from_the_run_folder(trace_dir):
     assert path.exists() and path.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_amortization_gap_results_have_every_corner_and_gap(gap_dir):
     results = json.loads((gap_dir / "results.json").read_text())
     entry = results["digits"]
@@ -148,6 +149,7 @@ def test_amortization_gap_results_have_every_corner_and_gap(gap_dir):
     assert [r["corner"] for r in rows] == labels
 
 
+@pytest.mark.slow
 def test_amortization_gap_plot_remakes_both_figures(gap_dir):
     for name in ("loglik_vs_time.png", "gaps.png"):
         (gap_dir / name).unlink()
@@ -156,6 +158,7 @@ def test_amortization_gap_plot_remakes_both_figures(gap_dir):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
+@pytest.mark.slow
 def test_existing_run_folders_are_not_overwritten_without_the_flag(trace_dir, gap_dir):
     with pytest.raises(ValueError, match="overwrite"):
         em_trace.main(_tiny_trace(trace_dir))

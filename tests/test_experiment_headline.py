@@ -141,6 +141,7 @@ def linear_run(tmp_path_factory):
     return exp, cfg, exp.main(cfg)
 
 
+@pytest.mark.slow
 def test_linear_vae_experiment_reaches_the_ppca_optimum(linear_run):
     exp, cfg, res = linear_run
     keys = (

@@ -6,12 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from emvi.runs import load_script, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 exp = load_script(ROOT / "experiments/hmm.py")
 
 
+@pytest.mark.slow
 def test_hmm_experiment_smoke(tmp_path):
     cfg = exp.Config(
         workdir=tmp_path / "run",

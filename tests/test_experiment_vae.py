@@ -39,6 +39,7 @@ REQUIRED = {
 FIGURES = ["learning_curves.png", "reconstructions.png", "samples.png", "traversals.png"]
 
 
+@pytest.mark.slow
 def test_main_writes_a_complete_run_folder_and_refuses_to_overwrite(tmp_path):
     exp = _load()
     workdir = tmp_path / "run"

@@ -10,6 +10,7 @@ from emvi.runs import load_script
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "variational_bayes.py"
 
 
+@pytest.mark.slow
 def test_variational_bayes_smoke(tmp_path):
     mod = load_script(_PATH)
     cfg = mod.Config(
