@@ -254,6 +254,40 @@ def _pick_points(key: Array, w: Array, k: int) -> Array:
     return lax.top_k(score, k)[1]
 
 
+class _NoCentring:
+    """What emissions without a location share: the data are not centred (no shift of the
+    parameters or prior) and there is no default prior."""
+
+    def shift(self, p, shift):
+        return p
+
+    def shift_hyper(self, hyper, shift):
+        return hyper
+
+    def default_hyper(self, dtype, reg_covar: float):
+        return None
+
+
+def _check_rows(arr: np.ndarray, name: str, k: int, d: int) -> None:
+    """Checks an emission parameter of shape (k, d) against the states and the data."""
+    if arr.ndim != 2 or arr.shape[0] != k:
+        raise ValueError(f"init.emission.{name} must have shape ({k}, {d}); got {arr.shape}.")
+    if arr.shape[1] != d:
+        raise ValueError(
+            f"init.emission.{name} has dimension {arr.shape[1]} but the data have {d}."
+        )
+
+
+def _check_sequences_of_vectors(x: np.ndarray, kind: str) -> np.ndarray:
+    """(num_sequences, length, dim) float data for vector emissions (NaN kept for padding)."""
+    if x.ndim != 3:
+        raise ValueError(
+            f"x must have shape (num_sequences, length, dim) for {kind} emissions; got "
+            f"shape {x.shape}."
+        )
+    return _float_array(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Gaussian:
     """Gaussian emissions, the components of :mod:`emvi.gmm`.
@@ -378,7 +412,7 @@ def _normalise_rows(num: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Categorical:
+class Categorical(_NoCentring):
     """Categorical emissions over ``num_symbols`` symbols; x holds integer symbols (n, t).
 
     ``hyper`` is a :class:`CategoricalPrior` (or None: maximum likelihood). The statistics
@@ -424,15 +458,6 @@ class Categorical:
     def from_unconstrained(self, u: CategoricalParams) -> CategoricalParams:
         return CategoricalParams(jax.nn.softmax(u.probs, axis=-1))
 
-    def shift(self, p, shift):
-        return p
-
-    def shift_hyper(self, hyper, shift):
-        return hyper
-
-    def default_hyper(self, dtype, reg_covar: float):
-        return None
-
     def check_params(self, p: Any, k: int, d: int, dtype) -> CategoricalParams:
         if not isinstance(p, CategoricalParams):
             raise ValueError(f"init.emission must be a CategoricalParams; got {type(p).__name__}.")
@@ -465,7 +490,7 @@ def _default_float():
 
 
 @dataclasses.dataclass(frozen=True)
-class Bernoulli:
+class Bernoulli(_NoCentring):
     """Binary-vector emissions, the components of :mod:`emvi.bernoulli_mixture`.
 
     ``hyper`` is a :class:`emvi.bernoulli_mixture.BernoulliMixturePrior` (its ``alpha`` is
@@ -509,36 +534,17 @@ class Bernoulli:
     def from_unconstrained(self, u: BernoulliParams) -> BernoulliParams:
         return BernoulliParams(bm.from_unconstrained(self._bm(u)).probs)
 
-    def shift(self, p, shift):
-        return p
-
-    def shift_hyper(self, hyper, shift):
-        return hyper
-
-    def default_hyper(self, dtype, reg_covar: float):
-        return None
-
     def check_params(self, p: Any, k: int, d: int, dtype) -> BernoulliParams:
         if not isinstance(p, BernoulliParams):
             raise ValueError(f"init.emission must be a BernoulliParams; got {type(p).__name__}.")
         probs = np.asarray(p.probs, np.float64)
-        if probs.ndim != 2 or probs.shape[0] != k:
-            raise ValueError(f"init.emission.probs must have shape ({k}, {d}); got {probs.shape}.")
-        if probs.shape[1] != d:
-            raise ValueError(
-                f"init.emission.probs has dimension {probs.shape[1]} but the data have {d}."
-            )
+        _check_rows(probs, "probs", k, d)
         if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
             raise ValueError("init.emission.probs must be probabilities in [0, 1].")
         return BernoulliParams(jnp.asarray(probs, dtype))
 
     def check_data(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim != 3:
-            raise ValueError(
-                f"x must have shape (num_sequences, length, dim) for Bernoulli emissions; got "
-                f"shape {x.shape}."
-            )
-        x = _float_array(x)
+        x = _check_sequences_of_vectors(x, "Bernoulli")
         finite = x[np.isfinite(x)]
         if finite.size and (finite.min() < 0 or finite.max() > 1):
             raise ValueError("x must hold values in [0, 1] for Bernoulli emissions.")
@@ -546,7 +552,7 @@ class Bernoulli:
 
 
 @dataclasses.dataclass(frozen=True)
-class Poisson:
+class Poisson(_NoCentring):
     r"""Count emissions, :math:`x_c \sim \mathrm{Poisson}(\lambda_{jc})` independently.
 
     The statistics are the Bernoulli mixture's (:math:`N_j = \sum q_j`,
@@ -605,36 +611,17 @@ class Poisson:
     def from_unconstrained(self, u: PoissonParams) -> PoissonParams:
         return PoissonParams(jnp.exp(u.rates))
 
-    def shift(self, p, shift):
-        return p
-
-    def shift_hyper(self, hyper, shift):
-        return hyper
-
-    def default_hyper(self, dtype, reg_covar: float):
-        return None
-
     def check_params(self, p: Any, k: int, d: int, dtype) -> PoissonParams:
         if not isinstance(p, PoissonParams):
             raise ValueError(f"init.emission must be a PoissonParams; got {type(p).__name__}.")
         rates = np.asarray(p.rates, np.float64)
-        if rates.ndim != 2 or rates.shape[0] != k:
-            raise ValueError(f"init.emission.rates must have shape ({k}, {d}); got {rates.shape}.")
-        if rates.shape[1] != d:
-            raise ValueError(
-                f"init.emission.rates has dimension {rates.shape[1]} but the data have {d}."
-            )
+        _check_rows(rates, "rates", k, d)
         if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
             raise ValueError("init.emission.rates must be positive.")
         return PoissonParams(jnp.asarray(rates, dtype))
 
     def check_data(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim != 3:
-            raise ValueError(
-                f"x must have shape (num_sequences, length, dim) for Poisson emissions; got "
-                f"shape {x.shape}."
-            )
-        x = _float_array(x)
+        x = _check_sequences_of_vectors(x, "Poisson")
         finite = x[np.isfinite(x)]
         if finite.size and (finite.min() < 0 or np.any(finite != np.round(finite))):
             raise ValueError("x must hold non-negative integer counts for Poisson emissions.")
