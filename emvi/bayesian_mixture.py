@@ -171,14 +171,8 @@ class VBGMMFit(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _triu(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    iu, ju = np.triu_indices(d)
-    pos = np.zeros((d, d), np.int32)
-    pos[iu, ju] = np.arange(iu.size)
-    pos[ju, iu] = np.arange(iu.size)
-    mult = np.where(iu == ju, 1.0, 2.0)
-    return iu, ju, mult, pos
+# The packed upper-triangle indices of gmm.prepare's features (one cached table per d).
+_triu = gmm._triu
 
 
 # ---------------------------------------------------------------------------------------
