@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emvi import runs
+from emvi import plotting, runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +227,7 @@ def plot(workdir, zoom: int = 8) -> Path:
     fig.suptitle(
         "EM is coordinate ascent on the ELBO: the bound touches log p(x) after each E-step"
     )
-    fig.tight_layout()
-    path = workdir / "em_trace.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "em_trace.png")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emvi import em, gmm, runs
+from emvi import em, gmm, plotting, runs
 from emvi import kmeans as km
 from emvi.data import load_digits, synthetic_mixture
 
@@ -577,11 +577,7 @@ def _plot_trace(workdir: Path, results: dict):
     fig.suptitle(
         "EM as coordinate ascent on the ELBO: E-step closes the gap, M-step raises the bound"
     )
-    fig.tight_layout()
-    path = workdir / "trace.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "trace.png")
 
 
 def _plot_synthetic(workdir: Path, results: dict):
@@ -633,11 +629,7 @@ def _plot_synthetic(workdir: Path, results: dict):
         f"max rel. ΔΣ={err['covariances_max_relative_frobenius_error']:.3f}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path = workdir / "synthetic_fit.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "synthetic_fit.png")
 
 
 def _plot_digits(workdir: Path, results: dict):
@@ -662,11 +654,7 @@ def _plot_digits(workdir: Path, results: dict):
     fig.suptitle(
         "Digits: component means, sorted by weight (w); '3' = majority true digit", fontsize=10
     )
-    fig.tight_layout()
-    path = workdir / "digits_means.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "digits_means.png")
 
 
 def plot(workdir) -> list[Path]:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from emvi import hmm, runs
+from emvi import hmm, plotting, runs
 from emvi.data import load_digits
 
 FIGURES = ("loglik_vs_states.png", "decoded.png", "synthetic_recovery.png")
@@ -218,11 +218,7 @@ def _plot_loglik(workdir: Path, results: dict) -> Path:
     ax.set_ylabel("log p(x) per digit (nats)")
     ax.set_title("Digits as 8 rows of 8 pixels: Gaussian-diag HMM")
     ax.legend()
-    fig.tight_layout()
-    path = workdir / "loglik_vs_states.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "loglik_vs_states.png")
 
 
 def _plot_decoded(workdir: Path, arrays) -> Path:
@@ -243,11 +239,7 @@ def _plot_decoded(workdir: Path, arrays) -> Path:
             ax.set_xticks([])
             ax.set_yticks([])
     axes[1, 0].set_ylabel("Viterbi state\nper row", fontsize=8)
-    fig.tight_layout()
-    path = workdir / "decoded.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "decoded.png")
 
 
 def _plot_synthetic(workdir: Path, arrays, results: dict) -> Path:
@@ -268,11 +260,7 @@ def _plot_synthetic(workdir: Path, arrays, results: dict) -> Path:
     a1.set_xlabel("t")
     a1.set_yticks([0, 1, 2])
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    path = workdir / "synthetic_recovery.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / "synthetic_recovery.png")
 
 
 def plot(workdir) -> list[Path]:

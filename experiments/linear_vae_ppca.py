@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emvi import runs
+from emvi import plotting, runs
 
 FIGURE = "linear_vae_ppca.png"
 
@@ -414,11 +414,7 @@ def plot(workdir) -> Path:
         fontsize=9,
     )
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    path = workdir / FIGURE
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, workdir / FIGURE)
 
 
 if __name__ == "__main__":
