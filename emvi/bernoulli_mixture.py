@@ -70,7 +70,7 @@ import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 from jaxtyping import Array, Float, Int, Key
 
-from emvi import _checks, em
+from emvi import _checks, em, missing
 from emvi.elbo import discrete_elbo
 
 
@@ -548,6 +548,116 @@ def model() -> em.ExactModel:
 
 
 # ---------------------------------------------------------------------------------------
+# Missing values: the factors of the missing pixels drop out
+# ---------------------------------------------------------------------------------------
+
+
+def _masked_log_joint(params: BernoulliMixtureParams, x: Array, observed: Array) -> Array:
+    r""":math:`\log \pi_k + \sum_{j \in O_i} [x_{ij}\log\mu_{kj} + (1 - x_{ij})\log(1 - \mu_{kj})]`
+    as two (n, d) x (d, k) products: a missing pixel's factor sums to one over its values,
+    so it drops out of the marginal. Impossible pairs give ``-inf`` as in :func:`log_joint`."""
+    probs = params.probs
+    on, off = observed * x, observed * (1.0 - x)
+    zero, one = probs <= 0, probs >= 1
+    log_p = jnp.log(jnp.where(zero, 1.0, probs))
+    log_1mp = jnp.log1p(-jnp.where(one, 0.0, probs))
+    finite = on @ log_p.T + off @ log_1mp.T
+    impossible = on @ zero.astype(x.dtype).T + off @ one.astype(x.dtype).T
+    lj = jnp.where(impossible > 0, -jnp.inf, finite)
+    return lj + jnp.log(params.weights)[None, :]
+
+
+def masked_e_step(
+    params: BernoulliMixtureParams, data: missing.MaskedData, weights: Float[Array, " n"]
+) -> tuple[BernoulliMixtureStats, Float[Array, ""]]:
+    r"""Exact E-step with missing pixels: expected completed statistics and
+    :math:`\sum_i w_i \log p(x_{i,O_i})`.
+
+    A missing pixel's expectation given :math:`z_i = k` (and the observed pixels) is
+    :math:`\mu_{kj}`, so :math:`N_k = \sum_i w_i r_{ik}` and
+    :math:`S_{kj} = \sum_i w_i r_{ik} (o_{ij} x_{ij} + (1 - o_{ij}) \mu_{kj})`, with
+    :math:`r_{ik} = p(z_i = k \mid x_{i,O})`; :func:`m_step` takes them unchanged.
+
+    Args:
+      params: current parameters.
+      data: :class:`emvi.missing.MaskedData` (values 0 where missing).
+      weights: per-example weights, shape (n,).
+    """
+    lj = _masked_log_joint(params, data.values, data.observed)
+    ll = jax.nn.logsumexp(lj, axis=1)
+    r = _safe_softmax(lj) * weights[:, None]
+    sum_x = r.T @ (data.observed * data.values) + params.probs * (r.T @ (1.0 - data.observed))
+    return BernoulliMixtureStats(jnp.sum(r, axis=0), sum_x), jnp.sum(weights * ll)
+
+
+@functools.cache
+def masked_model() -> em.ExactModel:
+    """The Bernoulli mixture with missing pixels as an :class:`emvi.em.ExactModel` (cached).
+
+    ``data`` is an :class:`emvi.missing.MaskedData`; ``log_prob`` is the log-probability of
+    the observed pixels. No ``expected_stats`` (the completed statistics depend on the
+    parameters) and no ``prepare``; the gradient face is :func:`model`'s.
+    """
+
+    def lj(params, data):
+        return _masked_log_joint(params, data.values, data.observed)
+
+    return model()._replace(
+        e_step=masked_e_step,
+        log_prob=lambda params, data: jax.nn.logsumexp(lj(params, data), axis=1),
+        posterior=lambda params, data: _safe_softmax(lj(params, data)),
+        elbo=lambda params, q, data: discrete_elbo(lj(params, data), q),
+        prepare=None,
+        expected_stats=None,
+    )
+
+
+def _masked_input(params: BernoulliMixtureParams, x, observed) -> tuple[Array, Array]:
+    values, mask = missing.check_observed(x, observed)
+    values = jnp.asarray(values)
+    _check_data(params, values)
+    mask = np.ones(values.shape, bool) if mask is None else mask
+    return values, jnp.asarray(mask, values.dtype)
+
+
+def observed_log_prob(params: BernoulliMixtureParams, x, observed=None) -> Float[Array, " n"]:
+    r"""Log-probability of the observed pixels of each image,
+    :math:`\log \sum_k \pi_k \prod_{j \in O_i} \mu_{kj}^{x_{ij}} (1 - \mu_{kj})^{1 - x_{ij}}`.
+
+    A pixel is missing where ``x`` is NaN or ``observed`` is False
+    (:func:`emvi.missing.check_observed`). With nothing missing this is :func:`log_prob`.
+
+    Raises:
+      ValueError: for a bad ``x`` or ``observed`` or a pixel count other than the params'.
+
+    Example:
+      >>> p = BernoulliMixtureParams(jnp.array([1.0]), jnp.array([[0.25, 0.5]]))
+      >>> float(observed_log_prob(p, np.array([[1.0, np.nan]]))[0])  # log 0.25
+      -1.386...
+    """
+    values, obs = _masked_input(params, x, observed)
+    return jax.nn.logsumexp(_masked_log_joint(params, values, obs), axis=1)
+
+
+def impute(params: BernoulliMixtureParams, x, observed=None) -> Float[Array, "n d"]:
+    r"""``x`` with each missing pixel replaced by its conditional mean
+    :math:`p(x_{ij} = 1 \mid x_{i,O}) = \sum_k r_{ik} \mu_{kj}`, :math:`r_{ik} = p(z_i = k
+    \mid x_{i,O})`; observed pixels are returned as they are.
+
+    Raises:
+      ValueError: as :func:`observed_log_prob`.
+
+    Example:
+      >>> p = BernoulliMixtureParams(jnp.array([0.5, 0.5]), jnp.array([[0.1, 0.2], [0.9, 0.8]]))
+      >>> [round(v, 3) for v in impute(p, np.array([[1.0, np.nan]]))[0].tolist()]
+      [1.0, 0.74]
+    """
+    values, obs = _masked_input(params, x, observed)
+    r = _safe_softmax(_masked_log_joint(params, values, obs))
+    return jnp.where(obs > 0, values, r @ params.probs)
+
+
+# ---------------------------------------------------------------------------------------
 # Initialisation and the public fitting wrapper
 # ---------------------------------------------------------------------------------------
 
@@ -661,6 +771,8 @@ def fit(
     tol: float = 1e-3,
     num_init: int = 1,
     chunk_size: int | None = None,
+    observed=None,
+    labels=None,
 ) -> em.FitResult:
     r"""Fits a Bernoulli mixture by (MAP-)EM on device, keeping the best of ``num_init`` runs.
 
@@ -691,6 +803,17 @@ def fit(
         exactly ``max_iter`` iterations).
       num_init: number of random restarts (>= 1).
       chunk_size: run the E-step over chunks of this many images (bounded memory).
+      observed: optional (n, d) boolean mask, False where a pixel is missing. Missing
+        pixels (there, and wherever ``x`` is NaN) are marginalised exactly
+        (:func:`masked_e_step`): ``log_likelihood`` is then the mean log-probability of the
+        observed pixels, and the initialisation sees the missing pixels filled with the
+        observed column means. With nothing missing the fit is the ordinary one, bit for
+        bit.
+      labels: optional partial labels for semi-supervised EM, integers (n,) with -1 for
+        unknown or (n, k) distributions with all-NaN rows for unknown
+        (:func:`emvi.missing.check_labels`); labelled images keep those responsibilities
+        and ``log_likelihood`` is the objective of :mod:`emvi.missing` per image. Not
+        combined with missing pixels.
 
     Returns:
       An :class:`emvi.em.FitResult` (alias :data:`BernoulliMixtureFit`); its log posterior
@@ -700,7 +823,7 @@ def fit(
       ValueError: if ``x`` is not a finite 2-D array with values in [0, 1], or any other
         argument is out of range.
     """
-    arr = _checks.as_data_matrix(x)
+    arr, mask = missing.check_observed(x, observed)
     if arr.min() < 0 or arr.max() > 1:
         raise ValueError(
             "x must hold values in [0, 1] (binary pixels) for a Bernoulli mixture; got values "
@@ -720,6 +843,16 @@ def fit(
         max_iter=max_iter, tol=tol, num_init=num_init, chunk_size=chunk_size
     )
     prior = _check_prior(prior, dtype)
+    lab = missing.check_labels(labels, n, k, dtype)
+    if mask is not None and lab is not None:
+        raise ValueError("labels cannot be combined with missing entries in x (yet).")
+    if mask is not None:
+        wts = np.ones(n) if w is None else w
+        obs_w = wts[:, None] * mask
+        if np.any(obs_w.sum(axis=0) <= 0):
+            raise ValueError("x has a column whose observed entries all have weight 0.")
+        col_mean = (obs_w * arr).sum(axis=0) / obs_w.sum(axis=0)
+        arr = np.where(mask, arr, col_mean).astype(dtype)
     xj = jnp.asarray(arr)
     wj = None if w is None else jnp.asarray(w, dtype)
     if isinstance(init, BernoulliMixtureParams):
@@ -730,10 +863,15 @@ def fit(
                 f"init must be one of {list(INITS)} or a BernoulliMixtureParams; got {init!r}."
             )
         p0 = _init_batch(key, xj, prior, wj, num_components=k, num_init=num_init, method=init)
+    mdl, data = model(), xj
+    if mask is not None:
+        mdl, data = masked_model(), missing.masked_data(arr, mask, dtype)
+    elif lab is not None:
+        mdl, data = missing.fixed_responsibilities(model()), lab._replace(data=xj)
     return em.fit(
-        model(),
+        mdl,
         p0,
-        xj,
+        data,
         wj,
         max_iter=max_iter,
         tol=jnp.asarray(tol, dtype),

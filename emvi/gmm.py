@@ -140,9 +140,8 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, ArrayLike, Float, Int, Key
 
-from emvi import em
+from emvi import em, missing
 from emvi._checks import (
-    as_data_matrix,
     check_choice,
     check_em_settings,
     check_nonnegative,
@@ -876,6 +875,223 @@ def model(covariance_type: str) -> em.ExactModel:
 
 
 # ---------------------------------------------------------------------------------------
+# Missing values: the conditional Gaussian of the missing entries (Ghahramani & Jordan)
+# ---------------------------------------------------------------------------------------
+
+
+def _masked_parts(
+    params: GMMParams, x: Array, observed: Array, covariance_type: str, *, moments: bool
+) -> tuple[Array, Array | None, Array | None]:
+    r"""Log joint of the observed entries and, with ``moments``, the conditional moments of
+    the missing ones, for every point and component, with no loop over rows.
+
+    For ``full``/``tied`` each (point, component) pair gets the d x d matrix
+    :math:`\tilde\Sigma = D \Sigma_j D + (I - D)`, :math:`D = \operatorname{diag}(o_i)`: the
+    observed block of :math:`\Sigma_j` with the identity in the missing rows and columns
+    (block diagonal after a permutation), and the residual :math:`\tilde r = D(x_i - \mu_j)`,
+    0 in the missing entries. Then :math:`\log\det\tilde\Sigma = \log\det\Sigma_{OO}` and
+    :math:`\tilde r^\top \tilde\Sigma^{-1} \tilde r = r_O^\top \Sigma_{OO}^{-1} r_O`: the
+    marginal density of the observed coordinates, exactly. With :math:`\tilde\Sigma = L L^\top`,
+    one triangular solve gives :math:`y = L^{-1} \tilde r` and :math:`V = L^{-1} D \Sigma_j`,
+    and
+
+    .. math::
+        E[x \mid x_O, z = j] = \mu_j + V^\top y, \qquad
+        \operatorname{Cov}[x \mid x_O, z = j] = \Sigma_j - V^\top V,
+
+    which are :math:`x_O` and 0 on the observed block and
+    :math:`\mu_M + \Sigma_{MO}\Sigma_{OO}^{-1} r_O`,
+    :math:`\Sigma_{MM} - \Sigma_{MO}\Sigma_{OO}^{-1}\Sigma_{OM}` on the missing one (the
+    observed entries are then set exactly). ``tied`` factorises one matrix per point.
+    ``diag``/``spherical`` factorise: the missing coordinates drop out of the density, and
+    their conditional mean and variance are the component's own.
+
+    Returns:
+      ``(log_joint (n, k), xhat (n, k, d), cond)`` with ``cond`` the conditional covariance
+      (n, k, d, d) full, (n, 1, d, d) tied, or its diagonal (n, k, d) diag/spherical; the
+      last two are None without ``moments``.
+    """
+    n, d = x.shape
+    means = params.means
+    k = means.shape[0]
+    missing = 1.0 - observed
+    diff = observed[:, None, :] * (x[:, None, :] - means[None, :, :])  # (n, k, d)
+    const = jnp.log(params.weights)[None, :] - 0.5 * _LOG_2PI * jnp.sum(observed, axis=1)[:, None]
+    if covariance_type in ("diag", "spherical"):
+        cov = params.covariances
+        var = cov if covariance_type == "diag" else cov[:, None] * jnp.ones((1, d), cov.dtype)
+        quad = jnp.sum(diff * diff / var[None, :, :], axis=2)
+        lj = const - 0.5 * (observed @ jnp.log(var).T + quad)
+        if not moments:
+            return lj, None, None
+        xhat = observed[:, None, :] * x[:, None, :] + missing[:, None, :] * means[None, :, :]
+        return lj, xhat, missing[:, None, :] * var[None, :, :]
+    cov = params.covariances if covariance_type == "full" else params.covariances[None]
+    kk = cov.shape[0]  # k (full) or 1 (tied)
+    eye = jnp.eye(d, dtype=x.dtype)
+    outer = observed[:, :, None] * observed[:, None, :]  # (n, d, d)
+    sig = outer[:, None] * cov[None] + eye[None, None] * missing[:, None, None, :]
+    chol = jnp.linalg.cholesky(sig)  # (n, kk, d, d)
+    # The residuals as right-hand sides: (n, k, d, 1) full, (n, 1, d, k) tied.
+    res = diff[..., None] if kk == k else jnp.swapaxes(diff, 1, 2)[:, None]
+    r = res.shape[-1]
+    rhs = res
+    if moments:
+        rhs = jnp.concatenate([res, observed[:, None, :, None] * cov[None]], axis=-1)
+    # One solve for both right-hand sides: two independent LAPACK calls in the fit loop can
+    # deadlock jaxlib 0.10.2 on XLA:CPU (issue 13).
+    sol = solve_triangular(chol, rhs, lower=True)
+    y = sol[..., :r]
+    quad = jnp.sum(y * y, axis=2).reshape(n, k)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # (n, kk)
+    lj = const - 0.5 * (jnp.broadcast_to(logdet, (n, k)) + quad)
+    if not moments:
+        return lj, None, None
+    v = sol[..., r:]
+    shift = jnp.moveaxis(jnp.einsum("nkij,nkir->nkjr", v, y), -1, 2).reshape(n, k, d)
+    xhat = jnp.where(observed[:, None, :] > 0, x[:, None, :], means[None, :, :] + shift)
+    cond = cov[None] - jnp.einsum("nkij,nkil->nkjl", v, v)
+    miss_outer = missing[:, :, None] * missing[:, None, :]
+    return lj, xhat, _symmetrize(cond * miss_outer[:, None])
+
+
+def _masked_stats(wr: Array, xhat: Array, cond: Array, covariance_type: str) -> GMMStats:
+    """Expected completed statistics from weighted responsibilities ``wr`` (n, k)."""
+    d = xhat.shape[-1]
+    sums = jnp.einsum("nk,nkd->kd", wr, xhat)
+    if covariance_type in ("full", "tied"):
+        second = jnp.einsum("nk,nkd,nke->kde", wr, xhat, xhat)
+        if covariance_type == "full":
+            second = second + jnp.einsum("nk,nkde->kde", wr, cond)
+        else:
+            second = second + jnp.einsum("nk,nde->kde", wr, cond[:, 0])
+        iu, ju, _, _ = _triu(d)
+        second = second[:, iu, ju]
+    elif covariance_type == "diag":
+        second = jnp.einsum("nk,nkd->kd", wr, xhat * xhat + cond)
+    else:
+        per = jnp.sum(xhat * xhat + cond, axis=2)
+        second = jnp.sum(wr * per, axis=0)[:, None]
+    return GMMStats(jnp.sum(wr, axis=0), sums, second)
+
+
+def masked_e_step(
+    params: GMMParams,
+    data: missing.MaskedData,
+    weights: Float[Array, " n"],
+    *,
+    covariance_type: str,
+) -> tuple[GMMStats, Float[Array, ""]]:
+    r"""Exact E-step with missing entries: expected *completed* statistics and
+    :math:`\sum_i w_i \log p(x_{i,O_i})`.
+
+    With :math:`\hat x_{ij} = E[x_i \mid x_{i,O}, z_i = j]` and :math:`C_{ij}` the
+    conditional covariance (:func:`_masked_parts`), :math:`N_j = \sum_i w_i r_{ij}`,
+    :math:`s_j = \sum_i w_i r_{ij} \hat x_{ij}` and
+    :math:`M_j = \sum_i w_i r_{ij} (\hat x_{ij} \hat x_{ij}^\top + C_{ij})` (its diagonal or
+    trace for diag/spherical), the statistics :func:`m_step` takes unchanged. Nothing
+    missing gives the statistics of :func:`e_step` (up to rounding).
+
+    Args:
+      params: current parameters (in the coordinates of ``data``).
+      data: :class:`emvi.missing.MaskedData`, values 0 (any finite value) where missing.
+      weights: (n,) point weights.
+      covariance_type: the covariance type (static).
+    """
+    lj, xhat, cond = _masked_parts(
+        params, data.values, data.observed, covariance_type, moments=True
+    )
+    ll = jax.nn.logsumexp(lj, axis=1)
+    wr = jax.nn.softmax(lj, axis=1) * weights[:, None]
+    return _masked_stats(wr, xhat, cond, covariance_type), jnp.sum(weights * ll)
+
+
+@functools.cache
+def masked_model(covariance_type: str) -> em.ExactModel:
+    """The mixture with missing entries as an :class:`emvi.em.ExactModel` (cached).
+
+    ``data`` is an :class:`emvi.missing.MaskedData`; ``log_prob`` is the log density of the
+    observed entries, ``posterior`` the responsibilities given them, ``elbo`` the bound on
+    that log density. It has no ``expected_stats`` (the completed statistics depend on the
+    parameters, not on q alone) and no ``prepare``; the gradient face is :func:`model`'s.
+
+    Example:
+      >>> masked_model("diag").expected_stats is None
+      True
+    """
+    ct = _check_type(covariance_type)
+
+    def lj(params, data):
+        return _masked_parts(params, data.values, data.observed, ct, moments=False)[0]
+
+    return model(ct)._replace(
+        e_step=functools.partial(masked_e_step, covariance_type=ct),
+        log_prob=lambda params, data: jax.nn.logsumexp(lj(params, data), axis=1),
+        posterior=lambda params, data: jax.nn.softmax(lj(params, data), axis=1),
+        elbo=lambda params, q, data: discrete_elbo(lj(params, data), q),
+        prepare=None,
+        expected_stats=None,
+    )
+
+
+def _masked_input(params: GMMParams, x, observed) -> tuple[Array, Array]:
+    values, mask = missing.check_observed(x, observed)
+    values = jnp.asarray(values)
+    _check_points(params, values)
+    mask = np.ones(values.shape, bool) if mask is None else mask
+    return values, jnp.asarray(mask, values.dtype)
+
+
+def observed_log_prob(
+    params: GMMParams, x: ArrayLike, observed: ArrayLike | None = None, *, covariance_type: str
+) -> Float[Array, " n"]:
+    r"""Log density of the observed entries of each point, :math:`\log p(x_{i,O_i}) =
+    \operatorname{logsumexp}_j [\log\pi_j + \log\mathcal N(x_{i,O} \mid \mu_{j,O},
+    \Sigma_{j,OO})]`.
+
+    An entry is missing where ``x`` is NaN or ``observed`` is False (see
+    :func:`emvi.missing.check_observed`). With nothing missing this is :func:`log_prob`.
+
+    Raises:
+      ValueError: for a bad ``x`` or ``observed`` (wrong shape, a row with every entry
+        missing, NaN where observed) or a column count other than the params'.
+
+    Example:
+      >>> p = GMMParams(jnp.array([1.0]), jnp.zeros((1, 2)), jnp.eye(2)[None])
+      >>> float(observed_log_prob(p, np.array([[0.0, np.nan]]), covariance_type="full")[0])
+      -0.918...
+    """
+    ct = _check_type(covariance_type)
+    values, obs = _masked_input(params, x, observed)
+    lj, _, _ = _masked_parts(params, values, obs, ct, moments=False)
+    return jax.nn.logsumexp(lj, axis=1)
+
+
+def impute(
+    params: GMMParams, x: ArrayLike, observed: ArrayLike | None = None, *, covariance_type: str
+) -> Float[Array, "n d"]:
+    r"""``x`` with each missing entry replaced by its conditional mean
+    :math:`E[x_{i,M} \mid x_{i,O}] = \sum_j r_{ij}\, \big(\mu_{j,M} + \Sigma_{j,MO}
+    \Sigma_{j,OO}^{-1} (x_{i,O} - \mu_{j,O})\big)`, with :math:`r_{ij} = p(z_i = j \mid
+    x_{i,O})`; observed entries are returned as they are.
+
+    Raises:
+      ValueError: as :func:`observed_log_prob`.
+
+    Example:
+      >>> cov = jnp.array([[[1.0, 0.5], [0.5, 1.0]]])
+      >>> p = GMMParams(jnp.array([1.0]), jnp.zeros((1, 2)), cov)
+      >>> impute(p, np.array([[2.0, np.nan]]), covariance_type="full").tolist()
+      [[2.0, 1.0]]
+    """
+    ct = _check_type(covariance_type)
+    values, obs = _masked_input(params, x, observed)
+    lj, xhat, _ = _masked_parts(params, values, obs, ct, moments=True)
+    resp = jax.nn.softmax(lj, axis=1)
+    return jnp.where(obs > 0, values, jnp.einsum("nk,nkd->nd", resp, xhat))
+
+
+# ---------------------------------------------------------------------------------------
 # Initialisation
 # ---------------------------------------------------------------------------------------
 
@@ -993,6 +1209,85 @@ def init_params(
     return _shift_params(p, shift)
 
 
+def params_from_responsibilities(
+    x: Float[Array, "n d"],
+    resp: Float[Array, "n k"],
+    *,
+    covariance_type: str,
+    reg_covar: float | Array = 1e-6,
+) -> GMMParams:
+    r"""One maximum-likelihood M-step from given responsibilities (one-hot labels, say).
+
+    This is scikit-learn's ``init_params="kmeans"`` start when ``resp`` is the one-hot
+    k-means labels: :math:`\pi_j \propto N_j`, :math:`\mu_j = s_j / N_j`, and the
+    covariances of :func:`m_step` (with ``reg_covar`` on the diagonal). The statistics are
+    taken on the data centred on their mean (for accuracy; see the module docstring) and
+    the means shifted back. A component with no responsibility gets ``10 * eps`` mass, as
+    in scikit-learn, and starts at the data mean (scikit-learn: the origin).
+
+    Args:
+      x: data (n, d).
+      resp: responsibilities (n, k), rows summing to 1.
+      covariance_type: the covariance type (static).
+      reg_covar: added to every covariance diagonal.
+
+    Returns:
+      :class:`GMMParams` in the dtype of ``x``.
+
+    Example:
+      >>> x = jnp.array([[0.0], [2.0], [10.0]])
+      >>> p = params_from_responsibilities(x, jnp.eye(2)[jnp.array([0, 0, 1])],
+      ...                                  covariance_type="diag", reg_covar=0.0)
+      >>> p.means[:, 0].tolist(), p.covariances[:, 0].tolist()
+      ([1.0, 10.0], [1.0, 0.0])
+    """
+    ct = _check_type(covariance_type)
+    x = jnp.asarray(x)
+    resp = jnp.asarray(resp, x.dtype)
+    if x.ndim != 2 or resp.ndim != 2 or resp.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"x (n, d) and resp (n, k) must share n; got shapes {x.shape} and {resp.shape}."
+        )
+    shift = jnp.mean(x, axis=0)
+    data = prepare(x - shift[None, :], covariance_type=ct)
+    stats = expected_stats(resp, data, jnp.ones(x.shape[0], x.dtype), covariance_type=ct)
+    p = m_step(stats, GMMHyper(jnp.asarray(reg_covar, x.dtype)), covariance_type=ct)
+    return _shift_params(p, shift)
+
+
+def parameter_error(true: GMMParams, fitted: GMMParams) -> dict:
+    """How far fitted full-covariance parameters are from the true ones, up to relabelling.
+
+    Fitted components are matched to true ones by the assignment that minimises the summed
+    squared distance between means (Hungarian algorithm, ``scipy.optimize``), then compared
+    in float64 NumPy.
+
+    Returns:
+      ``weights_max_abs_error`` (max_j |w_j - w'_j|), ``means_max_euclidean_error``
+      (max_j ||mu_j - mu'_j||), ``covariances_max_relative_frobenius_error`` (max_j
+      ||S_j - S'_j||_F / ||S_j||_F) and ``matching``: ``perm`` with fitted component
+      ``perm[j]`` matched to true component ``j``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    tw, tm, tc = (np.asarray(a, np.float64) for a in true)
+    fw, fm, fc = (np.asarray(a, np.float64) for a in fitted)
+    if fc.ndim != 3 or tc.shape != fc.shape:
+        raise ValueError(
+            "true and fitted must be full-covariance GMMParams of one shape; got covariances"
+            f" of shapes {tc.shape} and {fc.shape}."
+        )
+    _, perm = linear_sum_assignment(((tm[:, None, :] - fm[None, :, :]) ** 2).sum(-1))
+    fw, fm, fc = fw[perm], fm[perm], fc[perm]
+    rel_cov = np.linalg.norm(fc - tc, axis=(1, 2)) / np.linalg.norm(tc, axis=(1, 2))
+    return {
+        "weights_max_abs_error": float(np.abs(fw - tw).max()),
+        "means_max_euclidean_error": float(np.linalg.norm(fm - tm, axis=1).max()),
+        "covariances_max_relative_frobenius_error": float(rel_cov.max()),
+        "matching": perm.tolist(),
+    }
+
+
 @functools.partial(jax.jit, static_argnames=("num_components", "covariance_type", "method"))
 def _init_batch(keys, x, w, reg_covar, prior, *, num_components, covariance_type, method):
     """``init_params`` vmapped over keys: (r, ...) parameters, one restart per key."""
@@ -1034,6 +1329,51 @@ def _fit_batch(p0, x, w, tol, reg_covar, prior, *, covariance_type, max_iter, ch
         model(covariance_type),
         _shift_params(p0, -shift),
         xc,
+        w,
+        max_iter=max_iter,
+        tol=tol,
+        hyper=hyper,
+        chunk_size=chunk_size,
+    )
+    return res._replace(params=_shift_params(res.params, shift))
+
+
+def _fit_batch_missing(
+    p0, x, observed, w, tol, reg_covar, prior, *, covariance_type, max_iter, chunk_size
+):
+    """:func:`_fit_batch` for data with missing entries (``observed`` (n, d) of 0/1): the data
+    are centred on the weighted means of their observed entries, 0 put in the missing ones,
+    and the one driver runs :func:`masked_model`."""
+    dtype = x.dtype
+    shift = missing.column_means(x, observed, w)
+    xc = observed * (x - shift[None, :])
+    hyper = _make_hyper(reg_covar, prior, shift, dtype)
+    res = em.fit(
+        masked_model(covariance_type),
+        _shift_params(p0, -shift),
+        missing.MaskedData(xc, observed),
+        w,
+        max_iter=max_iter,
+        tol=tol,
+        hyper=hyper,
+        chunk_size=chunk_size,
+    )
+    return res._replace(params=_shift_params(res.params, shift))
+
+
+def _fit_batch_labelled(
+    p0, x, labels, w, tol, reg_covar, prior, *, covariance_type, max_iter, chunk_size
+):
+    """:func:`_fit_batch` with partial labels (an :class:`emvi.missing.LabelledData` whose
+    ``data`` is unused): the driver runs :func:`emvi.missing.fixed_responsibilities` of
+    :func:`model`."""
+    dtype = x.dtype
+    xc, shift = _centre_jit(x, w)
+    hyper = _make_hyper(reg_covar, prior, shift, dtype)
+    res = em.fit(
+        missing.fixed_responsibilities(model(covariance_type)),
+        _shift_params(p0, -shift),
+        labels._replace(data=xc),
         w,
         max_iter=max_iter,
         tol=tol,
@@ -1201,6 +1541,8 @@ def fit(
     num_init: int = 1,
     chunk_size: int | None = None,
     reg_covar: float = 1e-6,
+    observed: ArrayLike | None = None,
+    labels: ArrayLike | None = None,
 ) -> GMMFit:
     r"""Fits a Gaussian mixture by EM (or MAP-EM with ``prior``), validating inputs eagerly.
 
@@ -1227,6 +1569,18 @@ def fit(
       chunk_size: run the E-step over chunks of this many points to bound memory.
       reg_covar: non-negative value added to every covariance diagonal (not a prior: see
         :func:`log_prior`).
+      observed: optional (n, d) boolean mask, False where an entry of ``x`` is missing.
+        Missing entries (there, and wherever ``x`` is NaN) are marginalised exactly
+        (:func:`masked_e_step`); the result is then the maximum of the likelihood of the
+        observed entries, ``log_likelihood`` its mean per point, and the initialisation
+        sees the missing entries filled with the observed column means. With nothing
+        missing (no NaN, ``observed`` all True) the fit is the ordinary one, bit for bit.
+      labels: optional partial labels for semi-supervised EM: integers (n,) with the
+        component of each labelled point and -1 elsewhere, or (n, k) floats with a
+        distribution over components per labelled row and all-NaN rows elsewhere
+        (:func:`emvi.missing.check_labels`). Labelled points keep those responsibilities;
+        ``log_likelihood`` is then the objective of :mod:`emvi.missing` per point. Not
+        combined with missing entries.
 
     Returns:
       An :class:`emvi.em.FitResult` (also named :data:`GMMFit`).
@@ -1245,7 +1599,7 @@ def fit(
       (2,)
     """
     covariance_type = _check_type(covariance_type)
-    x_np = as_data_matrix(x)
+    x_np, mask = missing.check_observed(x, observed)
     n, d = x_np.shape
     dtype = x_np.dtype
     num_components = check_positive_int(num_components, name="num_components")
@@ -1258,6 +1612,16 @@ def fit(
     )
     reg_covar = check_nonnegative(reg_covar, name="reg_covar")
     w = check_sample_weight(sample_weight, n)
+    lab = missing.check_labels(labels, n, num_components, dtype)
+    if mask is not None:
+        if lab is not None:
+            raise ValueError("labels cannot be combined with missing entries in x (yet).")
+        wts = np.ones(n) if w is None else w
+        obs_w = wts[:, None] * mask
+        if np.any(obs_w.sum(axis=0) <= 0):
+            raise ValueError("x has a column whose observed entries all have weight 0.")
+        col_mean = (obs_w * x_np).sum(axis=0) / obs_w.sum(axis=0)
+        x_np = np.where(mask, x_np, col_mean.astype(dtype)).astype(dtype)
     start = None
     if isinstance(init, str):
         check_choice(init, name="init", choices=INITS)
@@ -1298,17 +1662,24 @@ def fit(
             covariance_type=covariance_type,
             method=init,
         )
-    res = _fit_batch(
-        p0,
-        xj,
-        wj,
-        jnp.asarray(tol, dtype),
-        reg,
-        prior,
-        covariance_type=covariance_type,
-        max_iter=max_iter,
-        chunk_size=chunk_size,
-    )
+    settings = dict(covariance_type=covariance_type, max_iter=max_iter, chunk_size=chunk_size)
+    if mask is not None:
+        obs = jnp.asarray(mask, dtype)
+        res = _fit_batch_missing(p0, xj, obs, wj, jnp.asarray(tol, dtype), reg, prior, **settings)
+    elif lab is not None:
+        res = _fit_batch_labelled(p0, xj, lab, wj, jnp.asarray(tol, dtype), reg, prior, **settings)
+    else:
+        res = _fit_batch(
+            p0,
+            xj,
+            wj,
+            jnp.asarray(tol, dtype),
+            reg,
+            prior,
+            covariance_type=covariance_type,
+            max_iter=max_iter,
+            chunk_size=chunk_size,
+        )
     return res._replace(
         restart_log_likelihoods=jnp.broadcast_to(res.restart_log_likelihoods, (num_init,))
     )

@@ -63,7 +63,7 @@ import numpy as np
 from jax.scipy.linalg import cho_solve
 from jaxtyping import Array, Float, Key
 
-from emvi import _checks, em
+from emvi import _checks, em, missing
 
 NOISE_TYPES: tuple[str, ...] = ("isotropic", "diagonal")
 INITS: tuple[str, ...] = ("random", "pca")
@@ -570,6 +570,188 @@ def model(noise: str) -> em.ExactModel:
 
 
 # ---------------------------------------------------------------------------------------
+# Missing values: the posterior given the observed coordinates
+# ---------------------------------------------------------------------------------------
+
+
+class LinearGaussianMissingData(NamedTuple):
+    """What :func:`prepare_missing` returns.
+
+    Attributes:
+      x: the data with each missing entry replaced by the reference point's entry, (n, d).
+      centred: :math:`o_i \\circ (x_i - r)`, 0 where missing, (n, d); :math:`r` is the mean
+        of each column's observed entries.
+      observed: (n, d) 1.0 where observed, 0.0 where missing.
+    """
+
+    x: Float[Array, "n d"]
+    centred: Float[Array, "n d"]
+    observed: Float[Array, "n d"]
+
+
+def prepare_missing(values: Float[Array, "n d"], observed: Float[Array, "n d"]):
+    """The data for :func:`masked_model` (see :class:`LinearGaussianMissingData`)."""
+    ref = missing.column_means(values, observed, jnp.ones(values.shape[0], values.dtype))
+    x = observed * values + (1.0 - observed) * ref[None, :]
+    return LinearGaussianMissingData(x, x - ref[None, :], observed)
+
+
+def _masked_posterior_parts(params: LinearGaussianParams, x: Array, observed: Array):
+    r"""Per-point posterior given the observed coordinates :math:`O_i`:
+    :math:`K_i = I + W_O^\top \Psi_O^{-1} W_O`, :math:`S_i = K_i^{-1}`,
+    :math:`m_i = S_i W_O^\top \Psi_O^{-1} (x_O - \mu_O)`: the missing rows of W are masked
+    out (the noise is diagonal, so the missing coordinates are dropped factors). Returns
+    ``(m (n, l), S (n, l, l), chol_K (n, l, l), c (n, d))`` with ``c`` = o (x - mu)."""
+    w, psi = params.loadings, _psi(params)
+    l_ = w.shape[1]
+    u = w / jnp.sqrt(psi)[:, None]
+    eye = jnp.eye(l_, dtype=w.dtype)
+    k_mat = eye[None] + jnp.einsum("nd,da,db->nab", observed, u, u)
+    chol = jnp.linalg.cholesky(k_mat)
+    # One (batched) solve and a matmul, as in _posterior_parts (issue 13).
+    post_cov = cho_solve((chol, True), jnp.broadcast_to(eye, k_mat.shape))
+    post_cov = 0.5 * (post_cov + jnp.swapaxes(post_cov, 1, 2))
+    c = observed * (x - params.mean[None, :])
+    post_mean = jnp.einsum("nab,nb->na", post_cov, (c / psi[None, :]) @ w)
+    return post_mean, post_cov, chol, c
+
+
+def _masked_log_prob_from_parts(params, observed, post_mean, chol, c) -> Array:
+    psi = _psi(params)
+    resid = observed * (c - post_mean @ params.loadings.T) / jnp.sqrt(psi)[None, :]
+    maha = jnp.sum(resid**2, axis=1) + jnp.sum(post_mean**2, axis=1)
+    log_det = observed @ jnp.log(psi) + 2.0 * jnp.sum(
+        jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)), axis=1
+    )
+    return -0.5 * (jnp.sum(observed, axis=1) * _LOG_2PI + log_det + maha)
+
+
+def masked_e_step(
+    params: LinearGaussianParams, data: LinearGaussianMissingData, weights: Float[Array, " n"]
+) -> tuple[LinearGaussianStats, Float[Array, ""]]:
+    r"""Exact E-step with missing entries: expected completed statistics and
+    :math:`\sum_i w_i \log p(x_{i,O_i})`.
+
+    Given :math:`x_O`, :math:`z \sim \mathcal N(m_i, S_i)` and a missing coordinate is
+    :math:`x_c = W_{c\cdot} z + \mu_c + \epsilon_c`, so with :math:`\hat c_{ic} = W_{c\cdot}
+    m_i + \mu_c - r_c` there: :math:`E[c_{ic} z^\top] = \hat c_{ic} m_i^\top + W_{c\cdot} S_i`
+    and :math:`E[c_{ic}^2] = \hat c_{ic}^2 + W_{c\cdot} S_i W_{c\cdot}^\top + \psi_c`; observed
+    coordinates enter as they are. :func:`m_step` takes the sums unchanged.
+    """
+    o = data.observed
+    mean_z, cov_z, chol, c = _masked_posterior_parts(params, data.x, o)
+    w = params.loadings
+    miss = 1.0 - o
+    # data.x holds r where missing, and data.centred holds 0 there.
+    fill = mean_z @ w.T + params.mean[None, :] - data.x
+    c_hat = data.centred + miss * fill
+    ws = jnp.einsum("dl,nlk->ndk", w, cov_z)  # W S_i, (n, d, l)
+    var_miss = jnp.einsum("ndk,dk->nd", ws, w) + _psi(params)[None, :]
+    wt = weights[:, None]
+    stats = LinearGaussianStats(
+        weight_sum=jnp.sum(weights),
+        sum_x=weights @ (data.x + miss * fill),
+        sum_c=jnp.sum(wt * c_hat, axis=0),
+        sum_z=jnp.sum(wt * mean_z, axis=0),
+        sum_cz=(wt * c_hat).T @ mean_z + jnp.einsum("nd,ndk->dk", wt * miss, ws),
+        sum_zz=jnp.einsum("n,nab->ab", weights, cov_z) + (wt * mean_z).T @ mean_z,
+        sum_cc=jnp.sum(wt * (c_hat * c_hat + miss * var_miss), axis=0),
+    )
+    ll = _masked_log_prob_from_parts(params, o, mean_z, chol, c)
+    return stats, jnp.sum(weights * ll)
+
+
+def _masked_elbo(params, q: GaussianPosterior, data: LinearGaussianMissingData) -> Array:
+    """:func:`elbo` of the observed coordinates (the ELBO of :math:`\\log p(x_O)`)."""
+    w, psi = params.loadings, _psi(params)
+    l_ = w.shape[1]
+    o = data.observed
+    c = o * (data.x - params.mean[None, :])
+    resid = o * (c - q.mean @ w.T) / jnp.sqrt(psi)[None, :]
+    u = w / jnp.sqrt(psi)[:, None]
+    k_mat = jnp.eye(l_, dtype=w.dtype)[None] + jnp.einsum("nd,da,db->nab", o, u, u)
+    trace = jnp.einsum("nab,nab->n", k_mat, q.cov)
+    chol_s = jnp.linalg.cholesky(q.cov)
+    log_det_s = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_s, axis1=1, axis2=2)), axis=1)
+    quad = jnp.sum(resid**2, axis=1) + jnp.sum(q.mean**2, axis=1)
+    const = jnp.sum(o, axis=1) * _LOG_2PI + o @ jnp.log(psi)
+    return -0.5 * (const + quad + trace - l_ - log_det_s)
+
+
+@functools.cache
+def masked_model(noise: str) -> em.ExactModel:
+    """The model with missing entries as an :class:`emvi.em.ExactModel` (cached).
+
+    ``data`` is :func:`prepare_missing` d; ``log_prob`` is :math:`\\log p(x_O)`, ``posterior``
+    the per-point Gaussian given the observed coordinates, ``elbo`` the bound on
+    :math:`\\log p(x_O)`. No ``expected_stats`` (the completed statistics depend on the
+    parameters) and no ``prepare``; the gradient face is :func:`model`'s.
+    """
+
+    def log_prob_(params, data):
+        m, _, chol, c = _masked_posterior_parts(params, data.x, data.observed)
+        return _masked_log_prob_from_parts(params, data.observed, m, chol, c)
+
+    def posterior_(params, data):
+        m, s, _, _ = _masked_posterior_parts(params, data.x, data.observed)
+        return GaussianPosterior(m, s)
+
+    return model(noise)._replace(
+        e_step=masked_e_step,
+        log_prob=log_prob_,
+        posterior=posterior_,
+        elbo=_masked_elbo,
+        prepare=None,
+        expected_stats=None,
+    )
+
+
+def _masked_input(params: LinearGaussianParams, x, observed) -> tuple[Array, Array]:
+    values, mask = missing.check_observed(x, observed)
+    d = params.mean.shape[0]
+    if values.shape[1] != d:
+        raise ValueError(f"x has {values.shape[1]} columns but the params have {d}.")
+    mask = np.ones(values.shape, bool) if mask is None else mask
+    return jnp.asarray(values), jnp.asarray(mask, values.dtype)
+
+
+def observed_log_prob(params: LinearGaussianParams, x, observed=None) -> Float[Array, " n"]:
+    r""":math:`\log \mathcal N(x_{i,O} \mid \mu_O, (W W^\top + \Psi)_{OO})` of each point's
+    observed coordinates (missing where ``x`` is NaN or ``observed`` is False; see
+    :func:`emvi.missing.check_observed`), in O(n d l^2), no d x d matrix.
+
+    Raises:
+      ValueError: for a bad ``x`` or ``observed`` or a column count other than the params'.
+
+    Example:
+      >>> p = LinearGaussianParams(jnp.ones((2, 1)), jnp.zeros(2), jnp.array(1.0))
+      >>> float(observed_log_prob(p, np.array([[0.0, np.nan]]))[0])  # log N(0 | 0, 2)
+      -1.265...
+    """
+    values, obs = _masked_input(params, x, observed)
+    m, _, chol, c = _masked_posterior_parts(params, values, obs)
+    return _masked_log_prob_from_parts(params, obs, m, chol, c)
+
+
+def impute(params: LinearGaussianParams, x, observed=None) -> Float[Array, "n d"]:
+    r"""``x`` with each missing entry replaced by its conditional mean
+    :math:`E[x_{i,M} \mid x_{i,O}] = W_M m_i + \mu_M`, :math:`m_i = E[z \mid x_{i,O}]`;
+    observed entries are returned as they are.
+
+    Raises:
+      ValueError: as :func:`observed_log_prob`.
+
+    Example:
+      >>> p = LinearGaussianParams(jnp.ones((2, 1)), jnp.zeros(2), jnp.array(1.0))
+      >>> impute(p, np.array([[2.0, np.nan]])).tolist()  # 2 cov / var = 2 * 1 / 2
+      [[2.0, 1.0]]
+    """
+    values, obs = _masked_input(params, x, observed)
+    m, _, _, _ = _masked_posterior_parts(params, values, obs)
+    return jnp.where(obs > 0, values, m @ params.loadings.T + params.mean[None, :])
+
+
+# ---------------------------------------------------------------------------------------
 # Sampling, initialisation, closed form, fit
 # ---------------------------------------------------------------------------------------
 
@@ -777,6 +959,7 @@ def fit(
     num_init: int = 1,
     chunk_size: int | None = None,
     noise_floor: float = DEFAULT_NOISE_FLOOR,
+    observed=None,
 ) -> em.FitResult:
     r"""Fits the model by (MAP-)EM on device through :func:`emvi.em.fit`, best of ``num_init``.
 
@@ -804,6 +987,12 @@ def fit(
       noise_floor: every noise variance is kept >= ``noise_floor`` times the data variance
         (per feature for factor analysis, averaged over features for pPCA); >= 0. With 0 and
         no prior, data in an affine subspace of dimension <= l are refused.
+      observed: optional (n, d) boolean mask, False where an entry of ``x`` is missing.
+        Missing entries (there, and wherever ``x`` is NaN) are marginalised exactly
+        (:func:`masked_e_step`): ``log_likelihood`` is then the mean log density of the
+        observed entries. The initialisation, and the checks on the data's variance and
+        rank, see the missing entries filled with the observed column means. With nothing
+        missing the fit is the ordinary one, bit for bit.
 
     Returns:
       An :class:`emvi.em.FitResult` (params, mean log-likelihood at the final params,
@@ -814,7 +1003,12 @@ def fit(
         weights, prior, init or settings, or rank-deficient data with no floor and no prior.
     """
     noise = _check_noise(noise)
-    arr = validate_inputs(x, latent_dim)
+    values, mask = missing.check_observed(x, observed)
+    if mask is None:
+        arr = validate_inputs(x, latent_dim)
+    else:
+        col_mean = np.sum(values * mask, axis=0) / np.sum(mask, axis=0)
+        arr = validate_inputs(np.where(mask, values, col_mean).astype(values.dtype), latent_dim)
     n, d = arr.shape
     dtype = arr.dtype
     max_iter, tol, num_init, chunk_size = _checks.check_em_settings(
@@ -835,10 +1029,14 @@ def fit(
         start = _check_init_params(init, d, latent_dim, noise, dtype)
         p0 = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_init, *a.shape)), start)
     weights = None if w is None else jnp.asarray(w, dtype)
+    mdl, data = model(noise), xj
+    if mask is not None:
+        mdl = masked_model(noise)
+        data = prepare_missing(jnp.asarray(values), jnp.asarray(mask, dtype))
     return em.fit(
-        model(noise),
+        mdl,
         p0,
-        xj,
+        data,
         weights,
         max_iter=max_iter,
         tol=jnp.asarray(tol, dtype),
