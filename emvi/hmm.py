@@ -80,6 +80,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,8 +88,9 @@ from jax import lax
 from jax.scipy.special import gammaln, xlogy
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
-from emvi import _checks, em, gmm
+from emvi import _checks, em, estep, gmm
 from emvi import bernoulli_mixture as bm
+from emvi import nn as emvi_nn
 
 PyTree = Any
 
@@ -999,8 +1001,9 @@ def elbo(params: HMMParams, q: HMMPosterior, data: HMMData, *, emission) -> Arra
     e_init = jnp.sum(xlogy(g[:, 0], params.initial[None]), axis=-1)
     e_trans = jnp.sum(xlogy(xi, params.transition[None, None]), axis=(-2, -1))
     e_trans = jnp.sum(e_trans * m[:, 1:], axis=-1)
-    h1 = -jnp.sum(xlogy(g[:, 0], g[:, 0]), axis=-1)
-    cond = xlogy(xi, xi) - xlogy(xi, jnp.broadcast_to(g[:, :-1, :, None], xi.shape))
+    h1 = -jnp.sum(_xlogx(g[:, 0]), axis=-1)
+    log_g = jnp.log(jnp.where(g > 0, g, 1.0))
+    cond = _xlogx(xi) - xlogy_safe(xi, jnp.broadcast_to(log_g[:, :-1, :, None], xi.shape))
     h_rest = -jnp.sum(jnp.sum(cond, axis=(-2, -1)) * m[:, 1:], axis=-1)
     return e_init + e_trans + e_emit + h1 + h_rest
 
@@ -1008,6 +1011,11 @@ def elbo(params: HMMParams, q: HMMPosterior, data: HMMData, *, emission) -> Arra
 def xlogy_safe(q: Array, log_p: Array) -> Array:
     """:math:`q \\log p` given :math:`\\log p`, with 0 where q = 0 (even if log p = -inf)."""
     return jnp.where(q > 0, q * jnp.where(q > 0, log_p, 0.0), 0.0)
+
+
+def _xlogx(q: Array) -> Array:
+    """:math:`q \\log q`, 0 at q = 0 with a finite gradient there (xlogy's is NaN)."""
+    return xlogy_safe(q, jnp.log(jnp.where(q > 0, q, 1.0)))
 
 
 def m_step(stats: HMMStats, hyper: HMMHyper | None, *, emission) -> HMMParams:
@@ -1063,13 +1071,180 @@ def from_unconstrained(u: HMMParams, *, emission) -> HMMParams:
     )
 
 
+# ---------------------------------------------------------------------------------------
+# A chain-structured q from potentials: the local and amortized E-steps of the grid
+# ---------------------------------------------------------------------------------------
+
+
+def _num_states_of(m: int) -> int:
+    """k from the size k + k^2 of one step's potentials."""
+    k = (math.isqrt(1 + 4 * m) - 1) // 2
+    if k < 1 or k * (k + 1) != m:
+        raise ValueError(f"the last axis of the potentials must be k + k^2 for some k; got {m}.")
+    return k
+
+
+def chain_posterior(u: Float[Array, "n t m"]) -> HMMPosterior:
+    r"""The chain :math:`q(z_{1:T}) \propto \exp\big(\sum_t \phi_t(z_t) + \sum_{t<T}
+    \psi_t(z_t, z_{t+1})\big)`, normalised exactly by forward-backward (the HMM's
+    ``q_from_unconstrained``).
+
+    ``u[:, t, :k]`` holds the unary log-potentials :math:`\phi_t` and ``u[:, t, k:]`` the
+    pairwise :math:`\psi_t` (row-major (k, k), from :math:`z_t` to :math:`z_{t+1}`; unused at
+    the last step), so m = k + k². Every real u gives a Markov chain; its marginals and
+    pairwise marginals come from
+
+    .. math::
+        \log\alpha_{t+1}(j) = \operatorname{logsumexp}_i\big(\log\alpha_t(i) + \psi_t(i, j)\big)
+            + \phi_{t+1}(j), \qquad
+        \log\beta_t(i) = \operatorname{logsumexp}_j\big(\psi_t(i, j) + \phi_{t+1}(j)
+            + \log\beta_{t+1}(j)\big),
+
+    each normalised per step, :math:`\gamma_t = \operatorname{softmax}(\log\alpha_t +
+    \log\beta_t)` and :math:`\xi_t = \operatorname{softmax}_{ij}(\log\alpha_t(i) + \psi_t(i,j)
+    + \phi_{t+1}(j) + \log\beta_{t+1}(j))`. With zero potentials on padded steps (what
+    :class:`ChainEncoder` outputs) the valid prefix is the chain of its own potentials; in
+    any case :func:`elbo` and :func:`expected_stats` read only the valid steps, and the
+    prefix of a Markov chain is a Markov chain with the same marginals, so the ELBO is exact.
+    Differentiable in u (the encoder's gradient flows through both scans).
+    """
+    n, t, m = u.shape
+    k = _num_states_of(m)
+    unary = u[..., :k]
+    pair = u[:, :-1, k:].reshape(n, t - 1, k, k)
+    pair_t, next_t = jnp.swapaxes(pair, 0, 1), jnp.swapaxes(unary[:, 1:], 0, 1)
+
+    def forward(log_alpha, inp):
+        psi, phi = inp
+        a = jax.nn.logsumexp(log_alpha[:, :, None] + psi, axis=1) + phi
+        a = a - jax.nn.logsumexp(a, axis=1, keepdims=True)
+        return a, a
+
+    def backward(log_beta, inp):
+        psi, phi = inp
+        b = jax.nn.logsumexp(psi + (phi + log_beta)[:, None, :], axis=2)
+        b = b - jax.nn.logsumexp(b, axis=1, keepdims=True)
+        return b, b
+
+    a1 = unary[:, 0] - jax.nn.logsumexp(unary[:, 0], axis=1, keepdims=True)
+    _, alphas = lax.scan(forward, a1, (pair_t, next_t))
+    last = jnp.zeros((n, k), u.dtype)
+    _, betas = lax.scan(backward, last, (pair_t, next_t), reverse=True)
+    log_alpha = jnp.swapaxes(jnp.concatenate([a1[None], alphas], axis=0), 0, 1)
+    log_beta = jnp.swapaxes(jnp.concatenate([betas, last[None]], axis=0), 0, 1)
+    gamma = jax.nn.softmax(log_alpha + log_beta, axis=-1)
+    right = unary[:, 1:] + log_beta[:, 1:]
+    xi = _softmax2(log_alpha[:, :-1, :, None] + pair + right[:, :, None, :])
+    return HMMPosterior(gamma, xi)
+
+
+def chain_potentials(q: HMMPosterior) -> Float[Array, "n t m"]:
+    r"""Potentials whose :func:`chain_posterior` is the chain q (the HMM's
+    ``q_to_unconstrained``): :math:`\phi_1 = \log\gamma_1`, :math:`\phi_t = 0` for t > 1 and
+    :math:`\psi_t(i, j) = \log q(z_{t+1} = j \mid z_t = i)`, the rows of :math:`\xi_t`
+    normalised. Probabilities are clipped at the dtype's smallest normal number (so every
+    potential is finite) and a zero row (a padded step) becomes uniform, so the round trip is
+    exact up to that clipping on the valid steps.
+    """
+    g, xi = q.marginals, q.pairwise
+    n, t, k = g.shape
+    tiny = jnp.finfo(g.dtype).tiny
+    unary = jnp.zeros_like(g).at[:, 0].set(jnp.log(jnp.maximum(g[:, 0], tiny)))
+    log_xi = jnp.log(jnp.maximum(xi, tiny))
+    cond = log_xi - jax.nn.logsumexp(log_xi, axis=-1, keepdims=True)
+    pair = jnp.concatenate([cond.reshape(n, t - 1, k * k), jnp.zeros((n, 1, k * k), g.dtype)], 1)
+    return jnp.concatenate([unary, pair], axis=-1)
+
+
+def encoder_inputs(seqs: HMMSequences, *, emission) -> Float[Array, "n t c"]:
+    """What :class:`ChainEncoder` reads: each step's observation as floats (one-hot symbols
+    for :class:`Categorical`), 0 on padded steps, with the mask as the last channel."""
+    x = seqs.x
+    if isinstance(emission, Categorical):
+        x = jax.nn.one_hot(x, emission.num_symbols, dtype=_default_float())
+    elif emission.event_ndim == 0:
+        x = x[..., None]
+    m = seqs.mask[..., None].astype(x.dtype)
+    return jnp.concatenate([x * m, m], axis=-1)
+
+
+class ChainEncoder(nn.Module):
+    """A 1-D convolutional encoder from :func:`encoder_inputs` (n, t, c) to the (n, t, k + k²)
+    potentials of :func:`chain_posterior`: the amortized E-step of the HMM.
+
+    ``len(hidden)`` 'same'-padded convolutions over time (width ``kernel_size``, so the
+    receptive field is ``len(hidden) * (kernel_size - 1) + 1`` steps), then a dense unary head
+    on each step's features and a dense pairwise head on the features of steps t and t + 1.
+    Padded steps are zeroed at every layer and their potentials are 0.
+
+    Attributes:
+      num_states: k.
+      hidden: channels of each convolution.
+      kernel_size: width of each convolution (odd).
+      activation: a name in :data:`emvi.nn.ACTIVATIONS`.
+    """
+
+    num_states: int
+    hidden: tuple[int, ...] = (32, 32)
+    kernel_size: int = 3
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, inputs: Float[Array, "n t c"]) -> Float[Array, "n t m"]:
+        k = self.num_states
+        act = emvi_nn.ACTIVATIONS[self.activation]
+        mask = inputs[..., -1:]
+        h = inputs[..., :-1]
+        for i, width in enumerate(self.hidden):
+            conv = nn.Conv(width, (self.kernel_size,), padding="SAME", name=f"conv_{i}")
+            h = act(conv(h)) * mask
+        nxt = jnp.concatenate([h[:, 1:], jnp.zeros_like(h[:, :1])], axis=1)
+        next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+        unary = nn.Dense(k, name="unary")(h) * mask
+        pair = nn.Dense(k * k, name="pairwise")(jnp.concatenate([h, nxt], axis=-1)) * next_mask
+        return jnp.concatenate([unary, pair], axis=-1)
+
+
+def make_batch(
+    x: Any,
+    lengths: ArrayLike | None = None,
+    *,
+    emission,
+    weights: ArrayLike | None = None,
+) -> estep.Batch:
+    """A padded batch as the grid's pieces receive it (:class:`emvi.estep.Batch`): ``x`` the
+    :func:`encoder_inputs` (what an encoder sees), ``data`` the prepared sequences (what the
+    model sees), unit weights if None. Validated as :func:`fit`'s input.
+
+    Example:
+      >>> from emvi import estep
+      >>> e = Categorical(3)
+      >>> b = make_batch(jnp.array([[0, 2, 1], [1, 1, 0]]), np.array([3, 2]), emission=e)
+      >>> b.x.shape, b.data.mask.tolist()
+      ((2, 3, 4), [[True, True, True], [True, True, False]])
+      >>> enc = estep.amortized(model(e), ChainEncoder(2, hidden=(4,)))
+      >>> q = enc.init(jax.random.key(0), None, b).q
+      >>> q.marginals.shape, q.pairwise.shape
+      ((2, 3, 2), (2, 2, 2, 2))
+    """
+    x_np, mask = check_sequences(x, lengths, emission)
+    seqs = HMMSequences(jnp.asarray(x_np), jnp.asarray(mask))
+    inputs = encoder_inputs(seqs, emission=emission)
+    n = x_np.shape[0]
+    w = _checks.check_sample_weight(weights, n)
+    w = jnp.ones((n,), inputs.dtype) if w is None else jnp.asarray(w, inputs.dtype)
+    return estep.Batch(inputs, prepare(seqs, emission=emission), w)
+
+
 @functools.cache
 def model(emission, *, parallel: bool = False) -> em.ExactModel:
     """The HMM as an :class:`emvi.em.ExactModel` (cached per emission and scan).
 
     ``data`` is an :class:`HMMSequences` before ``prepare`` (leading axis = sequences), and
-    ``hyper`` an :class:`HMMHyper`. The gradient face holds the softmax-row bijection and
-    :func:`log_prior`; there is no q bijection (a chain-structured q is given by marginals).
+    ``hyper`` an :class:`HMMHyper`. The gradient face holds the softmax-row bijection,
+    :func:`log_prior` and the q bijection :func:`chain_potentials` / :func:`chain_posterior`
+    between a chain q and its (n, t, k + k²) potentials (a local optimiser's variable, a
+    :class:`ChainEncoder`'s output; a batch for the grid comes from :func:`make_batch`).
     """
     kw = dict(emission=emission)
     return em.ExactModel(
@@ -1083,6 +1258,8 @@ def model(emission, *, parallel: bool = False) -> em.ExactModel:
         to_unconstrained=functools.partial(to_unconstrained, **kw),
         from_unconstrained=functools.partial(from_unconstrained, **kw),
         log_prior=functools.partial(log_prior, **kw),
+        q_to_unconstrained=chain_potentials,
+        q_from_unconstrained=chain_posterior,
     )
 
 
