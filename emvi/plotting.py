@@ -70,3 +70,153 @@ def save(fig, path: str | Path, *, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+def _half_step_axis(num_iter: int) -> np.ndarray:
+    """x positions of the 2 * num_iter half-steps: t after E-step t, t + 1/2 after M-step t."""
+    t = np.arange(num_iter, dtype=np.float64)
+    return np.stack([t, t + 0.5], axis=1).reshape(-1)
+
+
+def half_step_trace(
+    ax,
+    log_likelihood: np.ndarray,
+    elbo: np.ndarray,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    shift: np.ndarray | float = 0.0,
+    label_suffix: str = "",
+    markers: bool = True,
+) -> None:
+    """Draws log p(x) and the ELBO after every half-step of EM (an ``emvi.em.EMTrace``).
+
+    Row ``t`` of the ``(t, 2)`` arrays is ``[after E-step t, after M-step t]``, drawn at
+    ``t`` and ``t + 1/2``: a staircase likelihood over a sawtooth ELBO that touches it after
+    each E-step.
+
+    Args:
+      ax: a matplotlib axis.
+      log_likelihood, elbo: shape (t, 2).
+      start, stop: the iterations drawn (``stop`` None: to the end).
+      shift: added to both curves (e.g. ``log_prior / n`` for MAP-EM), scalar or (t, 2).
+      label_suffix: appended to both legend labels.
+      markers: mark the E-step (circles) and M-step (triangles) points of the ELBO.
+    """
+    ll = np.asarray(log_likelihood, np.float64) + shift
+    lower = np.asarray(elbo, np.float64) + shift
+    stop = ll.shape[0] if stop is None else stop
+    win = slice(2 * start, 2 * stop)
+    xs, ll, lower = _half_step_axis(ll.shape[0])[win], ll.reshape(-1)[win], lower.reshape(-1)[win]
+    ax.plot(xs, ll, "k-", lw=1.2, label="log p(x)" + label_suffix)
+    ax.plot(xs, lower, "C1-", lw=0.9, label="ELBO(q_t, θ)" + label_suffix)
+    if markers:
+        ax.plot(xs[0::2], lower[0::2], "o", color="C2", ms=4, label="after E-step: ELBO = log p(x)")
+        ax.plot(xs[1::2], lower[1::2], "v", color="C3", ms=4, label="after M-step: gap = KL")
+    ax.set_xlabel("EM iteration t (E-step at t, M-step at t + 1/2)")
+
+
+def kl_trace(ax, kl: np.ndarray, *, floor: float = 1e-17) -> None:
+    """Draws KL(q || p(z|x)) = log p(x) - ELBO after every EM half-step, log scale.
+
+    ``kl`` has shape (t, 2) as in :func:`half_step_trace`. After an exact E-step the KL is
+    zero up to rounding, so its absolute value is drawn, and values below ``floor`` (exact
+    zeros included) are drawn at ``floor``.
+    """
+    kl = np.asarray(kl, np.float64)
+    xs = _half_step_axis(kl.shape[0])
+    ax.plot(xs[1::2], np.maximum(kl[:, 1], floor), "v-", color="C3", ms=3, label="after M-step")
+    e_label = "after E-step (|KL|: rounding only)"
+    ax.plot(xs[0::2], np.maximum(np.abs(kl[:, 0]), floor), "o", color="C2", ms=3, label=e_label)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(q || p(z|x)) = log p(x) - ELBO")
+    ax.set_xlabel("EM iteration t (E-step at t, M-step at t + 1/2)")
+
+
+def covariance_ellipse(ax, mean: np.ndarray, cov: np.ndarray, num_sigma: float = 1.0, **kwargs):
+    """Adds the ellipse ``(x - mean)^T cov^{-1} (x - mean) = num_sigma^2`` of a 2-D Gaussian.
+
+    The axes are the eigenvectors of ``cov`` with half-lengths ``num_sigma * sqrt(eigenvalue)``.
+    ``kwargs`` go to ``matplotlib.patches.Ellipse`` (unfilled by default).
+
+    Returns:
+      The ``Ellipse`` patch.
+    """
+    from matplotlib.patches import Ellipse
+
+    vals, vecs = np.linalg.eigh(np.asarray(cov, np.float64))
+    angle = np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1]))
+    width, height = 2 * num_sigma * np.sqrt(vals[::-1])
+    kwargs.setdefault("fill", False)
+    return ax.add_patch(Ellipse(mean, width, height, angle=angle, **kwargs))
+
+
+def image_panels(axes, images: np.ndarray, titles=(), *, vmin=0.0, vmax=1.0, fontsize=6) -> None:
+    """Draws flattened square images one per axis (in the order of ``axes.ravel()``).
+
+    Each used axis gets the image (``gray_r``, fixed ``vmin``/``vmax``), its title from
+    ``titles`` (if given) and no ticks or frame, so a y-label can still name a row;
+    axes beyond the images are switched off.
+    """
+    images = np.asarray(images)
+    side = round(math.sqrt(images.shape[-1]))
+    axes = np.asarray(axes).ravel()
+    for i, ax in enumerate(axes):
+        if i >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[i].reshape(side, side), cmap="gray_r", vmin=vmin, vmax=vmax)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if len(titles):
+            ax.set_title(titles[i], fontsize=fontsize)
+
+
+def zoom_window(kl: np.ndarray, zoom: int) -> tuple[int, int]:
+    """``zoom`` iterations ``[lo, hi)`` around the widest post-M-step KL of a (t, 2) trace.
+
+    Iteration 0 is skipped (the first M-step's jump would flatten everything else) unless
+    the trace has a single iteration.
+    """
+    kl = np.asarray(kl, np.float64)
+    num_iter = kl.shape[0]
+    widest = int(np.argmax(kl[1:, 1])) + 1 if num_iter > 1 else 0
+    lo = min(max(widest - zoom // 2, 1), max(num_iter - zoom, 0))
+    return lo, min(lo + zoom, num_iter)
+
+
+def em_trace_figure(traces, *, zoom: int = 8, start: int | None = None, title: str = ""):
+    """A figure of EM half-step traces, one column per trace (see :func:`half_step_trace`).
+
+    Top row: log p(x) and the ELBO over ``zoom`` iterations (linear scale, where the
+    sawtooth shows), from ``start`` or, with ``start=None``, around the widest gap
+    (:func:`zoom_window`). Bottom row: the KL after every half-step (:func:`kl_trace`),
+    all iterations, the zoomed ones shaded.
+
+    Args:
+      traces: mapping from a panel title to ``(log_likelihood, elbo, kl)``, each (t, 2).
+      zoom: iterations shown in the top row.
+      start: first iteration shown in the top row (None: around the widest gap).
+      title: the figure's title.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(traces), figsize=(5.5 * len(traces), 7.5), squeeze=False)
+    for col, (name, (ll, elbo, kl)) in enumerate(traces.items()):
+        num_iter = np.shape(ll)[0]
+        lo, hi = zoom_window(kl, zoom) if start is None else (start, min(start + zoom, num_iter))
+        top, bottom = axes[0, col], axes[1, col]
+        half_step_trace(top, ll, elbo, start=lo, stop=hi)
+        top.set_ylabel("nats per example")
+        final = np.asarray(ll)[-1, 1]
+        top.set_title(f"{name}\niterations {lo}-{hi - 1}; final log p(x) = {final:.3f}", fontsize=9)
+        top.legend(fontsize=8, loc="lower right")
+        kl_trace(bottom, kl)
+        bottom.axvspan(lo, hi - 0.5, color="0.9", zorder=0, label="zoomed above")
+        bottom.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig

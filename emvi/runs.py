@@ -263,3 +263,64 @@ def read_metrics(workdir: str | os.PathLike, name: str = "metrics.jsonl") -> lis
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def mean_and_sem(values) -> tuple[float, float]:
+    """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)`` (NaN for n < 2), in
+    float64.
+
+    Example:
+      >>> mean_and_sem([1.0, 2.0, 3.0])
+      (2.0, 0.5773502691896258)
+    """
+    v = np.asarray(values, np.float64).reshape(-1)
+    sem = float(np.std(v, ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+    return float(np.mean(v)), sem
+
+
+def format_number(value, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, without the sign of a rounded zero ("-0.00" is
+    "0.00"); strings and None are returned as text.
+
+    Example:
+      >>> format_number(-0.0004, 3), format_number(-1.236), format_number(None)
+      ('0.000', '-1.24', 'None')
+    """
+    if isinstance(value, str) or value is None:
+        return str(value)
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def markdown_table(rows, columns, *, align: str | None = None) -> str:
+    """A GitHub markdown table: one line per row, one column per ``(header, cell)`` pair.
+
+    Args:
+      rows: the items to tabulate (dicts, say).
+      columns: ``(header, cell)`` pairs; ``cell(row)`` returns the cell's text.
+      align: one letter per column, ``l`` (left) or ``r`` (right); None: all left.
+
+    Returns:
+      The table, ending in a newline.
+
+    Example:
+      >>> print(markdown_table([{"k": 1}], [("k", lambda r: str(r["k"]))], align="r"), end="")
+      | k |
+      |---:|
+      | 1 |
+    """
+    align = "l" * len(columns) if align is None else align
+    if len(align) != len(columns) or set(align) - {"l", "r"}:
+        raise ValueError(f"align must be one of 'l'/'r' per column; got {align!r}.")
+    rule = "|".join("---:" if a == "r" else "---" for a in align)
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", f"|{rule}|"]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded to 0.01 (None where unavailable)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None

@@ -122,3 +122,51 @@ def variant(name: str, fn, *, static_argnames: tuple[str, ...] = ()):
     if name == "no_jit":
         return fn
     raise ValueError(f"variant must be one of {JIT_VARIANTS}; got {name!r}.")
+
+
+def sklearn_precisions(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Inverse covariances in scikit-learn's ``precisions_init`` layout (float64 NumPy)."""
+    cov = np.asarray(covariances, np.float64)
+    return np.linalg.inv(cov) if covariance_type in ("full", "tied") else 1.0 / cov
+
+
+def sklearn_gmm(
+    x: np.ndarray,
+    init: gmm.GMMParams,
+    *,
+    covariance_type: str,
+    max_iter: int,
+    tol: float,
+    reg_covar: float,
+    random_state: int = 0,
+):
+    """scikit-learn's ``GaussianMixture`` fitted from the initial parameters ``init``.
+
+    The oracle for :func:`emvi.gmm.fit` from the same start: ``weights_init``,
+    ``means_init`` and ``precisions_init`` (:func:`sklearn_precisions`) are set from
+    ``init``, the stopping rule (``tol`` on the mean log-likelihood, ``max_iter``) and
+    ``reg_covar`` are shared; its ``ConvergenceWarning`` is silenced.
+
+    Returns:
+      The fitted ``sklearn.mixture.GaussianMixture``.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    weights, means, cov = (np.asarray(a, np.float64) for a in init)
+    est = GaussianMixture(
+        n_components=len(weights),
+        covariance_type=covariance_type,
+        tol=tol,
+        reg_covar=reg_covar,
+        max_iter=max_iter,
+        weights_init=weights,
+        means_init=means,
+        precisions_init=sklearn_precisions(cov, covariance_type),
+        random_state=random_state,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(np.asarray(x))
