@@ -726,6 +726,34 @@ def _init_batch(key, x, prior, sample_weight, *, num_components, num_init, metho
     )(keys)
 
 
+@functools.partial(jax.jit, static_argnames=("num_components", "num_init", "method"))
+def _init_batch_labelled(
+    key, x, prior, sample_weight, label_probs, labelled, *, num_components, num_init, method
+):
+    """Initial parameters with partial labels: the initial responsibilities (one-hot on the
+    chosen points for ``"points"``, random for ``"responsibilities"``) pass through
+    :func:`emvi.missing.label_init_responsibilities`, so component j starts as class j,
+    then one M-step (for ``"points"`` smoothed halfway to 1/2 as :func:`init_params` does)."""
+    n, k = x.shape[0], num_components
+    w = jnp.ones(n, x.dtype) if sample_weight is None else sample_weight
+
+    def one(kk):
+        if method == "points":
+            p = None if sample_weight is None else sample_weight / jnp.sum(sample_weight)
+            idx = jax.random.choice(kk, n, shape=(k,), replace=False, p=p)
+            resp = jnp.zeros((n, k), x.dtype).at[idx, jnp.arange(k)].set(1.0)
+        else:
+            e = jax.random.exponential(kk, (n, k), x.dtype)
+            resp = e / jnp.sum(e, axis=1, keepdims=True)
+        resp = missing.label_init_responsibilities(resp, label_probs, labelled)
+        params = m_step(expected_stats(resp, x, w), prior)
+        if method == "points":
+            params = params._replace(probs=0.25 + 0.5 * params.probs)
+        return params
+
+    return jax.vmap(one)(jax.random.split(key, num_init))
+
+
 def _check_prior(prior, dtype) -> BernoulliMixturePrior | None:
     if prior is None:
         return None
@@ -812,7 +840,9 @@ def fit(
       labels: optional partial labels for semi-supervised EM, integers (n,) with -1 for
         unknown or (n, k) distributions with all-NaN rows for unknown
         (:func:`emvi.missing.check_labels`); labelled images keep those responsibilities
-        and ``log_likelihood`` is the objective of :mod:`emvi.missing` per image. Not
+        and ``log_likelihood`` is the objective of :mod:`emvi.missing` per image. The
+        start puts the labelled images in their components
+        (:func:`emvi.missing.label_init_responsibilities`), so component j is class j. Not
         combined with missing pixels.
 
     Returns:
@@ -862,7 +892,11 @@ def fit(
             raise ValueError(
                 f"init must be one of {list(INITS)} or a BernoulliMixtureParams; got {init!r}."
             )
-        p0 = _init_batch(key, xj, prior, wj, num_components=k, num_init=num_init, method=init)
+        kw = dict(num_components=k, num_init=num_init, method=init)
+        if lab is None:
+            p0 = _init_batch(key, xj, prior, wj, **kw)
+        else:
+            p0 = _init_batch_labelled(key, xj, prior, wj, lab.label_probs, lab.labelled, **kw)
     mdl, data = model(), xj
     if mask is not None:
         mdl, data = masked_model(), missing.masked_data(arr, mask, dtype)

@@ -1305,6 +1305,25 @@ def _init_batch(keys, x, w, reg_covar, prior, *, num_components, covariance_type
     )(keys)
 
 
+@functools.partial(jax.jit, static_argnames=("num_components", "covariance_type", "method"))
+def _init_batch_labelled(
+    keys, x, w, reg_covar, prior, label_probs, labelled, *, num_components, covariance_type, method
+):
+    """:func:`_init_batch` with partial labels: the initial M-step uses
+    :func:`emvi.missing.label_init_responsibilities`, so component j starts as class j."""
+    xc, shift = _centre(x, w)
+    hyper = _make_hyper(reg_covar, prior, shift, x.dtype)
+    data = prepare(xc, covariance_type=covariance_type)
+
+    def one(key):
+        resp = _initial_responsibilities(key, xc, w, num_components, method)
+        resp = missing.label_init_responsibilities(resp, label_probs, labelled)
+        stats = expected_stats(resp, data, w, covariance_type=covariance_type)
+        return _shift_params(m_step(stats, hyper, covariance_type=covariance_type), shift)
+
+    return jax.vmap(one)(keys)
+
+
 # ---------------------------------------------------------------------------------------
 # Fitting: centre, run the one driver (emvi.em.fit), shift back
 # ---------------------------------------------------------------------------------------
@@ -1579,7 +1598,9 @@ def fit(
         component of each labelled point and -1 elsewhere, or (n, k) floats with a
         distribution over components per labelled row and all-NaN rows elsewhere
         (:func:`emvi.missing.check_labels`). Labelled points keep those responsibilities;
-        ``log_likelihood`` is then the objective of :mod:`emvi.missing` per point. Not
+        ``log_likelihood`` is then the objective of :mod:`emvi.missing` per point. The
+        initial M-step puts the labelled points in their components
+        (:func:`emvi.missing.label_init_responsibilities`), so component j is class j. Not
         combined with missing entries.
 
     Returns:
@@ -1652,16 +1673,13 @@ def fit(
         p0 = jax.tree_util.tree_map(lambda a: a[None], start)
     else:
         keys = jax.random.split(key, num_init)
-        p0 = _init_batch(
-            keys,
-            xj,
-            wj,
-            reg,
-            prior,
-            num_components=num_components,
-            covariance_type=covariance_type,
-            method=init,
-        )
+        init_kw = dict(num_components=num_components, covariance_type=covariance_type, method=init)
+        if lab is None:
+            p0 = _init_batch(keys, xj, wj, reg, prior, **init_kw)
+        else:
+            p0 = _init_batch_labelled(
+                keys, xj, wj, reg, prior, lab.label_probs, lab.labelled, **init_kw
+            )
     settings = dict(covariance_type=covariance_type, max_iter=max_iter, chunk_size=chunk_size)
     if mask is not None:
         obs = jnp.asarray(mask, dtype)

@@ -29,7 +29,8 @@ log-likelihood of the data and the known labels together). :func:`fixed_responsi
 turns any :class:`emvi.em.ExactModel` that has ``expected_stats`` into the model of
 :math:`\mathcal J`, which the one driver :func:`emvi.em.fit` then runs unchanged (its
 ``log_likelihood`` is :math:`\mathcal J / \sum_i w_i`, which never decreases).
-:func:`check_labels` validates the labels a user passes.
+:func:`check_labels` validates the labels a user passes, and
+:func:`label_init_responsibilities` makes a start in which component j is class j.
 
 Shape letters: ``n`` data points, ``d`` data dim, ``k`` components.
 """
@@ -221,6 +222,23 @@ def check_labels(labels, num_points: int, num_components: int, dtype) -> Labelle
     if not labelled.any():
         return None
     return LabelledData(None, jnp.asarray(probs, dtype), jnp.asarray(labelled))
+
+
+def label_init_responsibilities(
+    resp: Float[Array, "n k"], label_probs: Float[Array, "n k"], labelled: Bool[Array, " n"]
+) -> Float[Array, "n k"]:
+    """Initial responsibilities that respect partial labels, for one initial M-step.
+
+    Labelled rows get their label distribution; an unlabelled row keeps its initial
+    responsibility ``resp`` only for components that no labelled point has mass on. So a
+    labelled component starts at the statistics of its labelled points (component j is
+    class j from the start, rather than whatever cluster a random start put there, which
+    a few labels could not pull back), and the others start as the initialisation made
+    them. With every component labelled, the start is the supervised estimate.
+    """
+    has = jnp.sum(jnp.where(labelled[:, None], label_probs, 0.0), axis=0) > 0
+    unlabelled = jnp.where(has[None, :], 0.0, resp)
+    return jnp.where(labelled[:, None], label_probs, unlabelled)
 
 
 @functools.cache
