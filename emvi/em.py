@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
@@ -570,3 +571,34 @@ def fit_em(
 
 
 _run_em_jit = jax.jit(run_em, static_argnames=("model", "max_iter", "chunk_size"))
+
+
+def trace_checks(trace: EMTrace) -> dict[str, float]:
+    r"""The invariants of an :class:`EMTrace` as float64 numbers (row t: [after E, after M]).
+
+    * ``max_abs_gap_after_e_step`` :math:`= \max_t |\log p_t^E - \mathrm{ELBO}_t^E|`: zero up
+      to rounding for an exact E-step (the bound touches);
+    * ``min_kl_after_m_step`` :math:`= \min_t \mathrm{KL}_t^M`: never negative;
+    * ``min_log_likelihood_increase``: the smallest change of the log-likelihood between
+      consecutive half-steps, never negative for maximum-likelihood EM (with a prior, EM
+      climbs the log-posterior and the likelihood may fall);
+    * ``min_elbo_increase_in_m_step`` :math:`= \min_t (\mathrm{ELBO}_t^M - \mathrm{ELBO}_t^E)`,
+      never negative for a maximum-likelihood M-step.
+
+    Example:
+      >>> ll = jnp.array([[-3.0, -2.5], [-2.5, -2.4]])
+      >>> elbo = jnp.array([[-3.0, -2.7], [-2.5, -2.45]])
+      >>> tr = EMTrace(ll, elbo, ll - elbo, None)
+      >>> {k: round(v, 6) for k, v in trace_checks(tr).items()}  # doctest: +NORMALIZE_WHITESPACE
+      {'max_abs_gap_after_e_step': 0.0, 'min_kl_after_m_step': 0.05,
+       'min_log_likelihood_increase': 0.0, 'min_elbo_increase_in_m_step': 0.05}
+    """
+    ll = np.asarray(trace.log_likelihood, np.float64)
+    elbo = np.asarray(trace.elbo, np.float64)
+    kl = np.asarray(trace.kl, np.float64)
+    return {
+        "max_abs_gap_after_e_step": float(np.abs(ll[:, 0] - elbo[:, 0]).max()),
+        "min_kl_after_m_step": float(kl[:, 1].min()),
+        "min_log_likelihood_increase": float(np.diff(ll.reshape(-1)).min()),
+        "min_elbo_increase_in_m_step": float((elbo[:, 1] - elbo[:, 0]).min()),
+    }

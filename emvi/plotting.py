@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def pyplot():
@@ -80,12 +81,12 @@ def _half_step_axis(num_iter: int) -> np.ndarray:
 
 def half_step_trace(
     ax,
-    log_likelihood: np.ndarray,
-    elbo: np.ndarray,
+    log_likelihood: ArrayLike,
+    elbo: ArrayLike,
     *,
     start: int = 0,
     stop: int | None = None,
-    shift: np.ndarray | float = 0.0,
+    shift: ArrayLike = 0.0,
     label_suffix: str = "",
     markers: bool = True,
 ) -> None:
@@ -116,7 +117,7 @@ def half_step_trace(
     ax.set_xlabel("EM iteration t (E-step at t, M-step at t + 1/2)")
 
 
-def kl_trace(ax, kl: np.ndarray, *, floor: float = 1e-17) -> None:
+def kl_trace(ax, kl: ArrayLike, *, floor: float = 1e-17) -> None:
     """Draws KL(q || p(z|x)) = log p(x) - ELBO after every EM half-step, log scale.
 
     ``kl`` has shape (t, 2) as in :func:`half_step_trace`. After an exact E-step the KL is
@@ -133,7 +134,7 @@ def kl_trace(ax, kl: np.ndarray, *, floor: float = 1e-17) -> None:
     ax.set_xlabel("EM iteration t (E-step at t, M-step at t + 1/2)")
 
 
-def covariance_ellipse(ax, mean: np.ndarray, cov: np.ndarray, num_sigma: float = 1.0, **kwargs):
+def covariance_ellipse(ax, mean: ArrayLike, cov: ArrayLike, num_sigma: float | int = 1.0, **kwargs):
     """Adds the ellipse ``(x - mean)^T cov^{-1} (x - mean) = num_sigma^2`` of a 2-D Gaussian.
 
     The axes are the eigenvectors of ``cov`` with half-lengths ``num_sigma * sqrt(eigenvalue)``.
@@ -151,7 +152,7 @@ def covariance_ellipse(ax, mean: np.ndarray, cov: np.ndarray, num_sigma: float =
     return ax.add_patch(Ellipse(mean, width, height, angle=angle, **kwargs))
 
 
-def image_panels(axes, images: np.ndarray, titles=(), *, vmin=0.0, vmax=1.0, fontsize=6) -> None:
+def image_panels(axes, images: ArrayLike, titles=(), *, vmin=0.0, vmax=1.0, fontsize=6) -> None:
     """Draws flattened square images one per axis (in the order of ``axes.ravel()``).
 
     Each used axis gets the image (``gray_r``, fixed ``vmin``/``vmax``), its title from
@@ -174,7 +175,7 @@ def image_panels(axes, images: np.ndarray, titles=(), *, vmin=0.0, vmax=1.0, fon
             ax.set_title(titles[i], fontsize=fontsize)
 
 
-def zoom_window(kl: np.ndarray, zoom: int) -> tuple[int, int]:
+def zoom_window(kl: ArrayLike, zoom: int) -> tuple[int, int]:
     """``zoom`` iterations ``[lo, hi)`` around the widest post-M-step KL of a (t, 2) trace.
 
     Iteration 0 is skipped (the first M-step's jump would flatten everything else) unless

@@ -107,8 +107,8 @@ def test_em_trace_results_are_finite_and_the_bound_touches_after_each_e_step(tra
 
 def test_em_trace_plot_remakes_the_figure_from_the_run_folder(trace_dir):
     (trace_dir / "em_trace.png").unlink()
-    path = em_trace.plot(trace_dir)
-    assert path.exists() and path.stat().st_size > 0
+    (path,) = em_trace.plot(trace_dir)
+    assert path == trace_dir / "em_trace.png" and path.stat().st_size > 0
 
 
 @pytest.mark.slow

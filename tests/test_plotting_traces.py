@@ -65,7 +65,7 @@ def test_covariance_ellipse_has_the_eigen_axes_and_passes_through_mahalanobis_ra
     cov = rot @ np.diag([4.0, 1.0]) @ rot.T
     mean = np.array([1.0, -2.0])
     fig, ax = plt.subplots()
-    patch = plotting.covariance_ellipse(ax, mean, cov, 2.0, color="k")
+    patch = plotting.covariance_ellipse(ax, mean.tolist(), cov, 2, color="k")  # lists, ints too
     assert patch.width == pytest.approx(8.0) and patch.height == pytest.approx(4.0)
     assert patch.angle % 180 == pytest.approx(30.0)
     assert not patch.get_fill()
@@ -91,7 +91,8 @@ def test_image_panels_draws_each_image_and_switches_off_the_rest():
 
 
 def test_em_trace_figure_has_one_column_per_trace_and_shades_the_zoom(tmp_path):
-    traces = {"first": _trace(20, 6), "second": _trace(12, 4)}
+    # Lists, as read back from results.json, are accepted as well as arrays.
+    traces = {"first": _trace(20, 6), "second": tuple(a.tolist() for a in _trace(12, 4))}
     fig = plotting.em_trace_figure(traces, zoom=4, title="t")
     axes = np.array(fig.axes).reshape(2, 2)
     assert axes[0, 0].get_title().startswith("first\niterations 4-7")
