@@ -33,6 +33,9 @@ def test_variational_bayes_smoke(tmp_path):
     # VB's ELBO is a lower bound on the log marginal likelihood, MAP-EM's the log-likelihood.
     assert json.loads((cfg.workdir / "results.json").read_text()) == results
     assert all(r["test_perplexity"] > 1 for r in results["lda_digits"] + results["lda_bars"])
-    mod.plot(cfg.workdir)
+    assert [p.name for p in mod.plot(cfg.workdir)] == list(mod.FIGURES)
+    report = (cfg.workdir / "report.md").read_text()
+    for r in results["mixtures"] + results["lda_digits"] + results["lda_bars"]:
+        assert f"| {r['method']} |" in report
     with pytest.raises(ValueError, match="already holds a run"):
         mod.main(cfg)
