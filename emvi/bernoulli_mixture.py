@@ -49,6 +49,13 @@ responsibilities and a softmax over k). :func:`init_params`, :func:`sample` and 
 number of pixels (a shape check, free under ``jit``) and, when called eagerly on concrete
 arrays, when ``x`` holds NaN or infinite values (inside ``jit`` values are not inspected).
 
+**Missing pixels and partial labels.** :func:`fit` marginalises pixels that are NaN (or
+False in ``observed``): their factors drop out of :math:`p(x \mid z)`, and the M-step takes
+the completed counts :math:`S_{kj} = \sum_i w_i r_{ik} (o_{ij} x_{ij} + (1 - o_{ij})
+\mu_{kj})` (:func:`masked_e_step`, :func:`masked_model`); :func:`observed_log_prob` and
+:func:`impute` score and complete new images. ``fit(labels=...)`` holds the responsibilities
+of labelled images fixed (:func:`emvi.missing.fixed_responsibilities`).
+
 Shape letters: ``n`` data points, ``d`` pixels, ``k`` components, ``r`` restarts.
 
 Example:
@@ -504,6 +511,7 @@ def sample(
     Returns:
       ``(x, z)``: binary images (n, d) in the dtype of ``params.probs``, and components (n,).
     """
+    key = _checks.as_key(key)
     key_z, key_x = jax.random.split(key)
     z = jax.random.categorical(key_z, jnp.log(params.weights), shape=(num_samples,))
     x = jax.random.bernoulli(key_x, params.probs[z]).astype(params.probs.dtype)
@@ -613,7 +621,7 @@ def masked_model() -> em.ExactModel:
 
 
 def _masked_input(params: BernoulliMixtureParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed)
+    values, mask = missing.check_observed(x, observed, for_fit=False)
     values = jnp.asarray(values)
     _check_data(params, values)
     mask = np.ones(values.shape, bool) if mask is None else mask
@@ -700,6 +708,7 @@ def init_params(
       >>> batch.probs.shape
       (4, 2, 2)
     """
+    key = _checks.as_key(key)
     n = x.shape[0]
     k = num_components
     if method == "points":
@@ -853,6 +862,7 @@ def fit(
       ValueError: if ``x`` is not a finite 2-D array with values in [0, 1], or any other
         argument is out of range.
     """
+    key = _checks.as_key(key)
     arr, mask = missing.check_observed(x, observed)
     if arr.min() < 0 or arr.max() > 1:
         raise ValueError(

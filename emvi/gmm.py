@@ -124,6 +124,16 @@ the softmax) are what gradient M-steps and local or amortized E-steps need; the 
 MAP M-step is the stationary point of :math:`\sum_i w_i \mathrm{ELBO}_i + \log p(\theta)`
 in those coordinates. ``reg_covar`` is not a prior: only the closed-form M-step adds it.
 
+**Missing values** (Ghahramani & Jordan, 1994). :func:`fit` marginalises entries that are
+NaN in ``x`` (or False in its ``observed`` mask) exactly: :func:`masked_e_step` computes, for
+every point and component at once (no loop over rows), the density of the observed
+coordinates and the conditional mean and covariance of the missing ones, by a Cholesky
+factorisation of the covariance with the identity in the missing rows and columns, and
+returns the expected completed statistics that :func:`m_step` takes unchanged
+(:func:`masked_model` is its :class:`emvi.em.ExactModel`). :func:`observed_log_prob` and
+:func:`impute` score and complete new data. **Partial labels** (``fit(labels=...)``) hold the
+responsibilities of labelled points fixed (:func:`emvi.missing.fixed_responsibilities`).
+
 Shape letters: ``n`` data points, ``k`` components, ``d`` data dim, ``q`` feature columns,
 ``m`` second-moment columns (d(d+1)/2, d or 1), ``r`` restarts, ``t`` iterations.
 """
@@ -140,7 +150,7 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, ArrayLike, Float, Int, Key
 
-from emvi import em, missing
+from emvi import _checks, em, missing
 from emvi._checks import (
     check_choice,
     check_em_settings,
@@ -409,6 +419,7 @@ def sample(
       >>> x.shape, z.shape
       ((3, 1), (3,))
     """
+    key = _checks.as_key(key)
     _check_type(covariance_type)
     num_samples = check_positive_int(num_samples, name="num_samples")
     key_z, key_x = jax.random.split(key)
@@ -1035,7 +1046,7 @@ def masked_model(covariance_type: str) -> em.ExactModel:
 
 
 def _masked_input(params: GMMParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed)
+    values, mask = missing.check_observed(x, observed, for_fit=False)
     values = jnp.asarray(values)
     _check_points(params, values)
     mask = np.ones(values.shape, bool) if mask is None else mask
@@ -1081,8 +1092,9 @@ def impute(
     Example:
       >>> cov = jnp.array([[[1.0, 0.5], [0.5, 1.0]]])
       >>> p = GMMParams(jnp.array([1.0]), jnp.zeros((1, 2)), cov)
-      >>> impute(p, np.array([[2.0, np.nan]]), covariance_type="full").tolist()
-      [[2.0, 1.0]]
+      >>> out = impute(p, np.array([[2.0, np.nan]]), covariance_type="full")
+      >>> [round(v, 4) for v in out[0].tolist()]  # 0.5 * 2 / 1
+      [2.0, 1.0]
     """
     ct = _check_type(covariance_type)
     values, obs = _masked_input(params, x, observed)
@@ -1148,6 +1160,7 @@ def initial_params(
     The form of :func:`init_params` that takes the weights and a ready :class:`GMMHyper`
     and does no centring (what experiments that centre their data themselves call).
     """
+    key = _checks.as_key(key)
     resp = _initial_responsibilities(key, x, w, num_components, init)
     stats = expected_stats(
         resp, prepare(x, covariance_type=covariance_type), w, covariance_type=covariance_type
@@ -1195,6 +1208,7 @@ def init_params(
       >>> p.means.shape, p.covariances.shape
       ((2, 1), (2, 1))
     """
+    key = _checks.as_key(key)
     ct = _check_type(covariance_type)
     check_choice(method, name="method", choices=INITS)
     if x.ndim != 2:
@@ -1619,6 +1633,7 @@ def fit(
       >>> res.params.weights.shape
       (2,)
     """
+    key = _checks.as_key(key)
     covariance_type = _check_type(covariance_type)
     x_np, mask = missing.check_observed(x, observed)
     n, d = x_np.shape

@@ -36,6 +36,13 @@ one (n, m) vector per example, the mean and the lower triangle of the Cholesky f
 covariance with a log diagonal, :math:`m = l + l(l+1)/2`, so the exact posterior lies in the
 family. The ELBO (:func:`elbo`) is exact in closed form for any Gaussian q.
 
+**Missing values.** :func:`fit` marginalises entries that are NaN (or False in ``observed``):
+the noise is diagonal, so a point's posterior given its observed coordinates uses only the
+observed rows of :math:`W` (:math:`K_i = I + W_O^\top \Psi_O^{-1} W_O`, one l x l
+Cholesky per point, batched), and the M-step takes the expected completed statistics
+(:func:`masked_e_step`, :func:`masked_model`); :func:`observed_log_prob` and :func:`impute`
+score and complete new data.
+
 Shape letters: ``n`` data points, ``d`` data dim, ``l`` latent dim, ``m`` = l + l(l+1)/2,
 ``r`` restarts, ``s`` samples.
 
@@ -707,7 +714,7 @@ def masked_model(noise: str) -> em.ExactModel:
 
 
 def _masked_input(params: LinearGaussianParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed)
+    values, mask = missing.check_observed(x, observed, for_fit=False)
     d = params.mean.shape[0]
     if values.shape[1] != d:
         raise ValueError(f"x has {values.shape[1]} columns but the params have {d}.")
@@ -743,8 +750,8 @@ def impute(params: LinearGaussianParams, x, observed=None) -> Float[Array, "n d"
 
     Example:
       >>> p = LinearGaussianParams(jnp.ones((2, 1)), jnp.zeros(2), jnp.array(1.0))
-      >>> impute(p, np.array([[2.0, np.nan]])).tolist()  # 2 cov / var = 2 * 1 / 2
-      [[2.0, 1.0]]
+      >>> [round(v, 4) for v in impute(p, np.array([[2.0, np.nan]]))[0].tolist()]  # 2 * 1 / 2
+      [2.0, 1.0]
     """
     values, obs = _masked_input(params, x, observed)
     m, _, _, _ = _masked_posterior_parts(params, values, obs)
@@ -769,6 +776,7 @@ def sample(
     Returns:
       ``(x (n, d), z (n, l))`` in the dtype of the params.
     """
+    key = _checks.as_key(key)
     key_z, key_e = jax.random.split(key)
     d, l_ = params.loadings.shape
     dtype = params.loadings.dtype
@@ -825,6 +833,7 @@ def init_params(
     Returns:
       :class:`LinearGaussianParams` in the dtype of ``x``.
     """
+    key = _checks.as_key(key)
     noise = _check_noise(noise)
     _checks.check_choice(method, name="method", choices=INITS)
     if method == "pca":
@@ -1002,6 +1011,7 @@ def fit(
       ValueError: on non-finite or non-2-D ``x``, ``latent_dim`` outside [1, d), bad
         weights, prior, init or settings, or rank-deficient data with no floor and no prior.
     """
+    key = _checks.as_key(key)
     noise = _check_noise(noise)
     values, mask = missing.check_observed(x, observed)
     if mask is None:

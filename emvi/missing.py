@@ -66,7 +66,9 @@ def _shown(rows: np.ndarray) -> str:
     return ", ".join(str(r) for r in rows[:5]) + (" ..." if rows.size > 5 else "")
 
 
-def check_observed(x, observed=None, *, name: str = "x") -> tuple[np.ndarray, np.ndarray | None]:
+def check_observed(
+    x, observed=None, *, name: str = "x", for_fit: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Validates data that may have missing entries; returns ``(values, mask)``.
 
     An entry is missing where ``x`` is NaN, or, when ``observed`` is given, where it is
@@ -78,7 +80,8 @@ def check_observed(x, observed=None, *, name: str = "x") -> tuple[np.ndarray, np
     Raises:
       ValueError: if ``x`` is not 2-D and numeric, ``observed`` is not a boolean array of
         the shape of ``x``, ``x`` is NaN where ``observed`` is True, an observed entry is
-        infinite, a row has every entry missing, or a column has no observed entry.
+        infinite, a row has every entry missing, or (with ``for_fit``, data to fit to) a
+        column has no observed entry.
 
     Example:
       >>> values, mask = check_observed(np.array([[1.0, np.nan], [2.0, 3.0]]))
@@ -118,7 +121,7 @@ def check_observed(x, observed=None, *, name: str = "x") -> tuple[np.ndarray, np
             "carries no information; drop it."
         )
     empty_cols = np.flatnonzero(~mask.any(axis=0))
-    if empty_cols.size:
+    if for_fit and empty_cols.size:
         raise ValueError(
             f"{name} has no observed entry in column(s) {_shown(empty_cols)}; nothing can be "
             "learned about them; drop them."
