@@ -1,14 +1,10 @@
 r"""EM as coordinate ascent on the ELBO, half-step by half-step (:func:`emvi.em.em_trace`).
 
-After each E-step the ELBO touches the log-likelihood (KL = 0); after each M-step both have
-risen and a KL gap has opened. Two models: (a) a 3-component full-covariance GMM on 2-D
-draws of :func:`emvi.data.synthetic_mixture`, started from random responsibilities; (b) a
-Bernoulli mixture on the digits-bin training set, started from k random images, with a
-Beta(2, 2) pixel prior (``--bm-prior-ab 1``: maximum likelihood; with a prior EM climbs the
-log-posterior, so the likelihood and the ELBO need not rise at every step).
-
-The run folder holds ``config.json``, ``results.json`` (the traces and their checks) and
-``em_trace.png``.
+After each E-step the ELBO touches log p(x) (KL = 0); after each M-step both have risen and
+a KL gap has opened. (a) A 3-component full GMM on 2-D synthetic draws from random
+responsibilities; (b) a Bernoulli mixture on digits-bin train from k random images, with a
+Beta(2, 2) pixel prior (``--bm-prior-ab 1``: maximum likelihood; with a prior the likelihood
+need not rise at every step). Writes ``results.json`` (traces, checks) and ``em_trace.png``.
 
 Usage::
 
@@ -53,16 +49,13 @@ class Config:
     """Float64, so 'the bound touches' is checked to ~1e-12, not float32's 1e-6."""
 
 
-def _summary(trace) -> dict:
+def _summary(trace, x, k: int, start: float, **extra) -> dict:
     """The trace (row t: [after E-step t, after M-step t], nats per example) and its checks."""
     ll, elbo, kl = (np.asarray(a, np.float64) for a in (trace.log_likelihood, trace.elbo, trace.kl))
-    return {
-        "log_likelihood": ll.tolist(),
-        "elbo": elbo.tolist(),
-        "kl": kl.tolist(),
-        "final_log_likelihood": float(ll[-1, 1]),
-        "checks": em.trace_checks(trace),
-    }
+    out = {"num_points": int(x.shape[0]), "num_components": k, **extra}
+    out |= {"log_likelihood": ll.tolist(), "elbo": elbo.tolist(), "kl": kl.tolist()}
+    out |= {"final_log_likelihood": float(ll[-1, 1]), "checks": em.trace_checks(trace)}
+    return out | {"seconds": time.perf_counter() - start}
 
 
 def main(cfg: Config) -> dict:
@@ -94,30 +87,17 @@ def main(cfg: Config) -> dict:
         k_gmm, x, k, covariance_type="full", method="random", reg_covar=cfg.gmm_reg_covar
     )
     trace = trace_fn(model, theta0, model.prepare(x), num_iter=cfg.gmm_num_iter, hyper=hyper)
-    results["gmm_synthetic"] = {
-        "num_points": int(x.shape[0]),
-        "num_components": k,
-        **_summary(trace),
-        "seconds": time.perf_counter() - start,
-    }
+    results["gmm_synthetic"] = _summary(trace, x, k, start)
 
     # (b) Bernoulli mixture on digits-bin (train split).
     start = time.perf_counter()
     xb = jnp.asarray(digits_bin(dtype).train_x[: cfg.bm_num_points])
-    prior = None
-    if cfg.bm_prior_ab != 1.0:
-        prior = bm.BernoulliMixturePrior(
-            *(jnp.asarray(v, dtype) for v in (1.0, *[cfg.bm_prior_ab] * 2))
-        )
+    ab = (1.0, cfg.bm_prior_ab, cfg.bm_prior_ab)
+    prior = bm.BernoulliMixturePrior(*(jnp.asarray(v, dtype) for v in ab)) if ab[1] != 1 else None
     theta0 = jax.jit(bm.init_params, static_argnums=2)(k_bm, xb, cfg.bm_num_components)
     trace = trace_fn(bm.model(), theta0, xb, num_iter=cfg.bm_num_iter, hyper=prior)
-    results["bernoulli_digits"] = {
-        "num_points": int(xb.shape[0]),
-        "num_components": cfg.bm_num_components,
-        "prior_ab": cfg.bm_prior_ab,
-        **_summary(trace),
-        "seconds": time.perf_counter() - start,
-    }
+    k = cfg.bm_num_components
+    results["bernoulli_digits"] = _summary(trace, xb, k, start, prior_ab=cfg.bm_prior_ab)
     runs.write_json(workdir / "results.json", results)
     plot(workdir)
     return json.loads((workdir / "results.json").read_text())

@@ -1,16 +1,11 @@
 r"""Headline: EM and amortized VI on digits-bin, scored by held-out log-likelihood.
 
-Fits Bernoulli mixtures by MAP-EM for several k (``emvi.bernoulli_mixture.fit``: exact
-E-step, a symmetric Beta(a, a) pixel prior with a chosen per k on a validation split,
-``emvi.selection.bernoulli_mixture_beta_prior``; log p(x) exact), a Gaussian-latent VAE
-(``emvi.vae.gaussian_vae``; log p(x) by IWAE, k = 5000) and a categorical VAE
-(``emvi.vae.categorical_vae``; log p(x) exact by enumeration), and reports for each the
-test and train log-likelihood, ELBO and gap log p(x) - ELBO (nats per image) in
-``report.md``, with the EM half-step trace of the best mixture.
-
-Run folder: ``config.json``, ``metrics.jsonl``, ``results.json``, ``figures.npz`` (the
-arrays behind the figures), ``vae/<kind>/`` (training logs and checkpoints), the figures
-(``FIGURES``) and ``report.md``.
+Bernoulli mixtures by MAP-EM for several k (Beta(a, a) pixel prior, a chosen per k on a
+validation split; log p(x) exact), a Gaussian VAE (log p(x) by IWAE, k = 5000) and a
+categorical VAE (log p(x) exact): test and train log-likelihood, ELBO and gap (nats per
+image) in ``report.md``, with the EM half-step trace of the best mixture. Writes
+``results.json``, ``metrics.jsonl``, ``figures.npz`` (for :func:`plot`), ``vae/<kind>/``
+(training logs, checkpoints) and ``FIGURES``.
 
 Usage::
 

@@ -1,17 +1,10 @@
-r"""Gaussian mixtures fitted by exact EM, checked against scikit-learn from the same start.
+r"""Gaussian mixtures by exact EM against scikit-learn, from the same start.
 
-Fits (a) scikit-learn's 8x8 digits (1797 x 64, integer pixels 0..16) with
-``num_components`` components, once per covariance type, and (b) a 2-D synthetic mixture
-with known parameters (``emvi.data.synthetic_mixture``, k=3 "full"), each with
-``emvi.gmm.fit`` and with scikit-learn's ``GaussianMixture`` (``emvi.testing.sklearn_gmm``)
-from the *same* initial parameters (k-means labels -> one M-step,
-``emvi.gmm.params_from_responsibilities``) and the same stopping rule, and records the EM
-half-step trace (log-likelihood, ELBO and KL after every E- and M-step).
-
-Run folder: ``config.json``, ``metrics.jsonl`` (one row per EM iteration per fit, one per
-half-step of each trace, one summary per fit), ``results.json``, ``params_<fit>.npz`` and
-``trace_<fit>.npz`` (what :func:`plot` needs), ``trace.png``, ``synthetic_fit.png`` and
-``digits_means.png``.
+Fits the 8x8 digits (1797 x 64, pixels 0..16; once per covariance type) and a 2-D synthetic
+mixture with known parameters (k=3 full) with ``emvi.gmm.fit`` and with scikit-learn's
+``GaussianMixture``, both from the same k-means start and with the same stopping rule, and
+records the EM half-step trace. Writes ``results.json``, ``metrics.jsonl`` (per iteration,
+half-step and fit), ``params_*.npz`` and ``trace_*.npz`` (for :func:`plot`) and ``FIGURES``.
 
 Usage::
 
