@@ -9,7 +9,8 @@ Every gradient-based piece of emvi (the gradient M-step, the local and amortized
     \theta_t), \qquad \theta_{t+1} = \theta_t + u_t.
 
 The loss receives the global step ``t``, so schedules (KL annealing, free-bits warm-up) need
-no tricks.
+no tricks. :func:`run_lbfgs` is the deterministic counterpart for a smooth full-batch loss:
+``optax.lbfgs`` steps in a ``lax.while_loop`` until the gradient norm falls below a tolerance.
 
 Example:
   >>> import optax
@@ -88,3 +89,62 @@ def run_steps(
     steps = jnp.asarray(step0, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
     (params, opt_state), losses = lax.scan(body, (params, opt_state), steps)
     return params, opt_state, losses
+
+
+def run_lbfgs(
+    loss_fn: Callable[[PyTree], Array],
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    max_steps: int,
+    *,
+    grad_tol: float,
+) -> tuple[PyTree, PyTree, Array, Array]:
+    r"""Minimises a deterministic ``loss_fn(params)`` by up to ``max_steps`` L-BFGS steps.
+
+    The steps run on device in a ``lax.while_loop`` that stops early once
+    :math:`\|\nabla L(\theta_t)\|_2 <` ``grad_tol`` (the gradient kept in the optimiser
+    state, so no extra evaluation); at least one step is taken. Call it repeatedly with
+    the returned state to continue in chunks (to log between them).
+
+    Args:
+      loss_fn: ``params -> scalar``, smooth (no step argument: L-BFGS's line search
+        evaluates it at trial points).
+      optimizer: ``optax.lbfgs(...)`` (any optax transformation that takes ``value``,
+        ``grad`` and ``value_fn`` in its update).
+      params: the starting point.
+      opt_state: ``optimizer.init(params)`` or the state of a previous call.
+      max_steps: the most steps of this call (static, >= 1).
+      grad_tol: the gradient-norm tolerance.
+
+    Returns:
+      ``(params, opt_state, steps, grad_norm)``: ``steps`` taken (int32) and the norm of
+      the last gradient the optimiser saw.
+
+    Example:
+      >>> p, _, steps, g = run_lbfgs(lambda p: jnp.sum((p - 2.0) ** 2), optax.lbfgs(),
+      ...                            jnp.zeros(3), optax.lbfgs().init(jnp.zeros(3)), 20,
+      ...                            grad_tol=1e-8)
+      >>> [round(float(v), 6) for v in p], int(steps) < 20
+      ([2.0, 2.0, 2.0], True)
+    """
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    def norm(s):
+        return optax.tree.norm(optax.tree.get(s, "grad"))
+
+    def cond(carry):
+        _, s, i = carry
+        return (i < max_steps) & ((i == 0) | (norm(s) >= grad_tol))
+
+    def body(carry):
+        p, s, i = carry
+        value, grad = value_and_grad(p, state=s)
+        updates, s = optimizer.update(grad, s, p, value=value, grad=grad, value_fn=loss_fn)
+        return optax.apply_updates(p, updates), s, i + 1
+
+    with jax.numpy_dtype_promotion("standard"):  # optax's L-BFGS mixes int32 and floats
+        params, opt_state, steps = lax.while_loop(
+            cond, body, (params, opt_state, jnp.asarray(0, jnp.int32))
+        )
+        return params, opt_state, steps, norm(opt_state)

@@ -258,3 +258,87 @@ def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
     ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     return fig
+
+
+def show_images(
+    ax,
+    images: np.ndarray,
+    rows: int | None = None,
+    cols: int | None = None,
+    *,
+    title: str | None = None,
+    ylabel: str | None = None,
+    row_labels=None,
+    col_labels=None,
+    background: float = 0.3,
+    fontsize: int = 9,
+) -> None:
+    """Draws flattened square images as one grid on ``ax`` (``gray_r``, values 0 to 1).
+
+    ``rows`` and ``cols`` default to :func:`square_grid`'s layout. With ``ylabel``,
+    ``row_labels`` or ``col_labels`` the axis keeps its frame and the labels sit at the
+    image centres; otherwise it is switched off.
+
+    Args:
+      ax: a matplotlib axis.
+      images: shape (num, side**2).
+      rows, cols: grid size (both or neither).
+      title, ylabel: the axis's title and y-label.
+      row_labels, col_labels: one tick label per grid row / column.
+      background: value of the borders (see :func:`image_grid`).
+      fontsize: of the title.
+    """
+    images = np.asarray(images)
+    if rows is None or cols is None:
+        grid = square_grid(images, background=background)
+    else:
+        grid = image_grid(images, rows, cols, background=background)
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+    if ylabel is None and row_labels is None and col_labels is None:
+        ax.axis("off")
+        return
+    side = round(math.sqrt(images.shape[-1])) + 1
+    for set_ticks, labels in ((ax.set_xticks, col_labels), (ax.set_yticks, row_labels)):
+        labels = [] if labels is None else list(labels)
+        set_ticks([side * i + side / 2 - 1 for i in range(len(labels))], labels, fontsize=7)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, rotation=0, ha="right", va="center")
+
+
+def image_rows_figure(rows, *, cell: tuple[float, float] = (0.9, 1.0)):
+    """A figure of labelled rows of flattened square images (topics, say), one image per axis.
+
+    Args:
+      rows: mapping from a row label to its images, shape (num, side**2); every row gets
+        as many columns as the first has images. Each image is scaled to its own range.
+      cell: (width, height) of one image, in inches.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    first = len(next(iter(rows.values())))
+    fig, axes = pyplot().subplots(
+        len(rows), first, figsize=(first * cell[0], len(rows) * cell[1]), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows.items()):
+        image_panels(axes[r], images, vmin=None, vmax=None)
+        axes[r, 0].set_ylabel(label)
+    return fig
+
+
+def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
+    """A figure of several curves of values against their rank (1, 2, ...), e.g. the sorted
+    mixture weights of several fits; ``series`` maps a legend label to its values, already
+    in rank order. ``log``: a log-scale y axis.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    for label, values in series.items():
+        ax.plot(np.arange(1, len(values) + 1), values, "o-", label=label)
+    ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return fig

@@ -324,3 +324,43 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return None
+
+
+def summarise(rows: list[Mapping]) -> dict:
+    """Mean and standard deviation over runs (seeds, say) of every number in the rows.
+
+    For each key of the first row holding a number, ``{"mean": float, "std": float}``; for
+    one holding a list of numbers, the same element by element (lists). Other values are
+    left out. ``std`` is the population standard deviation (``ddof=0``), so one run gives 0.
+
+    Example:
+      >>> summarise([{"a": 1.0, "b": [1, 2], "s": "x"}, {"a": 3.0, "b": [3, 2], "s": "y"}])
+      {'a': {'mean': 2.0, 'std': 1.0}, 'b': {'mean': [2.0, 2.0], 'std': [1.0, 0.0]}}
+    """
+    if not rows:
+        raise ValueError("rows must hold at least one run.")
+    summary = {}
+    for name, value in rows[0].items():
+        if isinstance(value, list | int | float):
+            arr = np.asarray([row[name] for row in rows], dtype=float)
+            mean, std = arr.mean(0), arr.std(0)
+            summary[name] = (
+                {"mean": mean.tolist(), "std": std.tolist()}
+                if isinstance(value, list)
+                else {"mean": float(mean), "std": float(std)}
+            )
+    return summary
+
+
+def fingerprint(config, *, skip=(), **extra) -> str:
+    """A short hash (16 hex digits) of a config's fields, less ``skip``, plus ``extra``.
+
+    A run that resumes from checkpoints stores it (``emvi.train.fit``'s
+    ``config_fingerprint``), so a resume under other settings is refused; ``skip`` names
+    the fields that do not change what is trained (paths, flags, evaluation settings).
+    """
+    import hashlib
+
+    fields = {k: v for k, v in to_jsonable(config).items() if k not in set(skip)}
+    fields.update(to_jsonable(extra))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

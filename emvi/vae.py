@@ -901,3 +901,191 @@ def evaluate_categorical(
         "mutual_information_num_points": int(probs.shape[0]),
         "reconstruction_error": _reconstruction_error(keys[1], params, test_x, model),
     }
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
+def _elbo_terms_and_q(params, key, x, *, model, num_samples):
+    mean, scale = _posterior_params(params, x, model)
+    log_lik = lambda z: _decoder_log_prob(params, z, x, model)
+    recon, kl = elbo.gaussian_elbo_terms(key, log_lik, mean, scale, num_samples=num_samples)
+    return recon, kl, mean, scale
+
+
+_iwae_jit = jax.jit(iwae_bound, static_argnames=("model", "num_samples", "chunk_size"))
+
+
+def evaluate_latent_usage(
+    key: Array,
+    params: VAEParams,
+    x,
+    *,
+    model: GaussianVAE,
+    elbo_samples: int = 16,
+    ll_samples: int = 1000,
+    au_threshold: float = 0.01,
+    kl_threshold: float = 0.1,
+) -> dict:
+    r"""Held-out ELBO, IWAE log-likelihood and how much of the latent space is used.
+
+    For studies of uninformative latents ("posterior collapse"): with :math:`\mu(x),
+    \sigma(x)` the encoder's q on the n rows of ``x``,
+
+    * ``elbo`` = ``recon`` - ``kl`` (``elbo_samples`` reparameterised draws for the
+      reconstruction term, the KL in closed form; :func:`gaussian_elbo_terms`);
+    * ``log_likelihood``: the mean IWAE bound with k = ``ll_samples`` (:func:`iwae_bound`,
+      100 draws alive at a time);
+    * ``active_units``: dimensions with :math:`\mathrm{Var}_x E_q[z_j] >` ``au_threshold``
+      (Burda et al., 2016), ``dims_kl_above``: dimensions whose mean KL exceeds
+      ``kl_threshold`` nats, ``kl_per_dim`` (``emvi.metrics.kl_per_dim``);
+    * ``mutual_information``: the estimate of I(x; z) under q of
+      ``emvi.metrics.mutual_information`` (at most log n).
+
+    ``key`` is split in three: [0] the ELBO draws, [1] the mutual information, [2] IWAE.
+
+    Returns:
+      A dict of floats (``active_units`` and ``dims_kl_above`` ints, ``kl_per_dim`` a list).
+    """
+    key = _checks.as_key(key)
+    from emvi import metrics
+
+    ll_samples = _checks.check_positive_int(ll_samples, name="ll_samples")
+    elbo_samples = _checks.check_positive_int(elbo_samples, name="elbo_samples")
+    k_elbo, k_mi, k_ll = jax.random.split(key, 3)
+    x = jnp.asarray(check_data(x, model=model), _params_dtype(params))
+    recon, kl, mean, scale = _elbo_terms_and_q(
+        params, k_elbo, x, model=model, num_samples=elbo_samples
+    )
+    chunk = min(100, ll_samples)
+    ll = _iwae_jit(params, k_ll, x, model=model, num_samples=ll_samples, chunk_size=chunk)
+    kl_dims = metrics.kl_per_dim(mean, scale)
+    return {
+        "log_likelihood": float(jnp.mean(ll)),
+        "elbo": float(jnp.mean(recon - kl)),
+        "recon": float(jnp.mean(recon)),
+        "kl": float(jnp.mean(kl)),
+        "active_units": int(metrics.active_units(mean, threshold=au_threshold)),
+        "dims_kl_above": int(jnp.sum(kl_dims > kl_threshold)),
+        "mutual_information": float(metrics.mutual_information(k_mi, mean, scale)),
+        "kl_per_dim": np.asarray(kl_dims).tolist(),
+    }
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "optimizer", "num_steps", "num_samples", "elbo_samples")
+)
+def _local_gap_elbos(
+    k_elbo, k_local, params, x, *, model, optimizer, num_steps, num_samples, elbo_samples
+):
+    from emvi.optim import run_steps
+
+    mean, scale = _posterior_params(params, x, model)
+
+    def log_joint(z):  # (s, n, l) -> (s, n)
+        xb = jnp.broadcast_to(x[None], (z.shape[0], *x.shape))
+        log_lik = model.decoder.apply(params.decoder, z, xb, method="log_prob")
+        return log_lik + elbo.std_normal_log_prob(z)
+
+    def loss(q, t):
+        k = jax.random.fold_in(k_local, t)
+        return -jnp.sum(elbo.gaussian_mc_elbo(k, log_joint, *q, num_samples=num_samples))
+
+    q0 = (mean, jnp.log(scale))
+    best, _, _ = run_steps(loss, optimizer, q0, optimizer.init(q0), num_steps)
+    e_phi = elbo.gaussian_mc_elbo(k_elbo, log_joint, *q0, num_samples=elbo_samples)
+    e_best = elbo.gaussian_mc_elbo(k_elbo, log_joint, *best, num_samples=elbo_samples)
+    return jnp.mean(e_phi), jnp.mean(e_best)
+
+
+def gap_decomposition(
+    key: Array,
+    params: VAEParams,
+    x,
+    *,
+    model: Model,
+    optimizer=None,
+    num_steps: int = 500,
+    num_samples: int = 8,
+    elbo_samples: int = 1000,
+    ll_samples: int = 5000,
+):
+    r"""Cremer, Li & Duvenaud's (2018) split of a Gaussian VAE's inference gap on ``x``.
+
+    .. math::
+        \log p(x) - \mathrm{ELBO}(q_\phi)
+          = \underbrace{\log p(x) - \mathrm{ELBO}(q^*)}_{\text{approximation}}
+          + \underbrace{\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q_\phi)}_{\text{amortization}},
+
+    :math:`q^*` the per-example diagonal Gaussian found by ``num_steps`` optax steps (Adam
+    at 1e-2 by default) on the reparameterised ELBO (``num_samples`` fresh draws per step,
+    :func:`emvi.elbo.gaussian_mc_elbo`), started from the encoder's mean and log-scale.
+    Both ELBOs use the same ``elbo_samples`` draws (common random numbers); log p(x) is
+    the IWAE estimate of :func:`log_likelihood` with ``ll_samples`` samples. The
+    counterpart of :func:`emvi.grid.gap_decomposition` for a model without an exact
+    posterior.
+
+    Args:
+      key: a typed PRNG key, split in three (or three keys, used as given): [0] log p(x),
+        [1] the ELBO draws, [2] the local optimisation.
+      params, model: the trained VAE.
+      x: data (n, d).
+
+    Returns:
+      An ``emvi.grid.GapReport`` of means over the rows of ``x``, nats per example.
+    """
+    key = _checks.as_key(key)
+    import optax
+
+    from emvi.grid import GapReport
+
+    if not isinstance(model, GaussianVAE):
+        raise ValueError("gap_decomposition needs a GaussianVAE.")
+    num_steps = _checks.check_positive_int(num_steps, name="num_steps")
+    keys = key if jnp.shape(key) == (3,) else jax.random.split(key, 3)
+    arr = check_data(x, model=model)
+    ll = float(jnp.mean(log_likelihood(keys[0], params, arr, model=model, num_samples=ll_samples)))
+    e_phi, e_best = _local_gap_elbos(
+        keys[1],
+        keys[2],
+        params,
+        jnp.asarray(arr, _params_dtype(params)),
+        model=model,
+        optimizer=optax.adam(1e-2) if optimizer is None else optimizer,
+        num_steps=num_steps,
+        num_samples=_checks.check_positive_int(num_samples, name="num_samples"),
+        elbo_samples=_checks.check_positive_int(elbo_samples, name="elbo_samples"),
+    )
+    e_phi, e_best = float(e_phi), float(e_best)
+    return GapReport(ll, e_best, e_phi, ll - e_best, e_best - e_phi)
+
+
+class Traversal(NamedTuple):
+    """Decoder means along single latent axes (:func:`latent_traversal`).
+
+    Attributes:
+      images: (r, c, d): row i moves dimension ``dims[i]`` through ``values``, others 0.
+      dims: (r,) the dimensions, by decreasing KL.
+      kl: (r,) their mean KL(q(z_j | x) || N(0, 1)) on the data.
+      values: (c,) the values of the moved dimension.
+    """
+
+    images: np.ndarray
+    dims: np.ndarray
+    kl: np.ndarray
+    values: np.ndarray
+
+
+def latent_traversal(
+    params: VAEParams, x, *, model: GaussianVAE, num_dims: int = 8, values=None
+) -> Traversal:
+    """Decodes z = v e_j for the ``num_dims`` dimensions j with the largest mean KL on ``x``
+    and every v in ``values`` (default: 9 points from -2.5 to 2.5)."""
+    from emvi import metrics
+
+    values = np.linspace(-2.5, 2.5, 9) if values is None else np.asarray(values)
+    means, scales = encode(params, x, model=model)
+    kl = np.asarray(metrics.kl_per_dim(means, scales))
+    dims = np.argsort(-kl)[: min(num_dims, model.latent_dim)]
+    z = np.zeros((dims.size, values.size, model.latent_dim), np.float32)
+    z[np.arange(dims.size)[:, None], np.arange(values.size)[None, :], dims[:, None]] = values
+    images = decode(params, z.reshape(-1, model.latent_dim), model=model)
+    return Traversal(np.asarray(images).reshape(dims.size, values.size, -1), dims, kl[dims], values)

@@ -13,8 +13,9 @@ mean of the encoder outputs assigned to it is the *M-step* of k-means. :func:`em
 does exactly that with exponential moving averages (online k-means).
 
 The VQ-VAE itself (:class:`VQVAE`: an encoder whose output is cut into ``groups`` vectors,
-each quantised with a shared codebook, and any decoder with ``log_prob(z, x)``) and its loss
-(:func:`vqvae_loss`) close the module.
+each quantised with a shared codebook, and any decoder with ``log_prob(z, x)``), its loss
+(:func:`vqvae_loss`), its training loop with dead-code restarts (:func:`fit_vqvae`) and its
+held-out numbers (:func:`evaluate_vqvae`) close the module.
 
 Shape letters: ``n`` encoder outputs (vectors to quantise), ``l`` code dimension, ``m``
 codebook size, ``g`` codes per data point.
@@ -29,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,6 +39,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from emvi import _checks
@@ -457,3 +460,135 @@ def vqvae_sample(key: Array, params: VQVAEParams, *, model: VQVAE, num: int) -> 
     idx = jax.random.randint(k_idx, (num, model.groups), 0, codebook.shape[0])
     z = codebook[idx].reshape(num, -1)
     return model.decoder.apply(params.decoder, k_x, z, method="sample")
+
+
+_assign_jit = jax.jit(vqvae_assign, static_argnames="model")
+_log_likelihood_jit = jax.jit(vqvae_log_likelihood, static_argnames="model")
+
+
+@functools.cache
+def _train_epoch(model: VQVAE, optimizer, batch_size: int):
+    """One jitted epoch per (model, optimizer, batch size), shared by every run that passes
+    the same three objects."""
+    from emvi import train
+
+    loss = functools.partial(vqvae_loss, model=model)
+    return train.make_train_epoch(loss, optimizer, batch_size=batch_size)
+
+
+class VQFitResult(NamedTuple):
+    """What :func:`fit_vqvae` returns.
+
+    Attributes:
+      params: the trained :class:`VQVAEParams`.
+      history: one row per epoch: the epoch, the means of the loss and of
+        :func:`vqvae_loss`'s aux over its steps, and ``train_dead_codes``, the codes no
+        training vector was assigned to after the epoch (before any restart).
+      codes_restarted: how many codes were restarted in all.
+    """
+
+    params: VQVAEParams
+    history: list[dict]
+    codes_restarted: int
+
+
+def fit_vqvae(
+    key: Array,
+    model: VQVAE,
+    params: VQVAEParams,
+    train_x,
+    *,
+    optimizer,
+    batch_size: int,
+    num_epochs: int,
+    restart_epochs: int = 0,
+    workdir=None,
+) -> VQFitResult:
+    """Trains a VQ-VAE on :func:`vqvae_loss`, restarting dead codes between epochs.
+
+    Each epoch is one jitted ``emvi.train.make_train_epoch`` pass over shuffled minibatches.
+    After each of the first ``restart_epochs`` epochs, every code that none of the
+    training set's encoder outputs is assigned to (usage counted on the whole set, a hard
+    E-step) is moved onto a randomly drawn encoder output (:func:`restart_dead_codes`).
+
+    Args:
+      key: a typed PRNG key, split in two (or two keys, used as given): [0] the minibatch
+        order (``make_train_epoch``'s run key), [1] the restarts (folded with the epoch).
+      model, params: the VQ-VAE and its starting parameters (``model.init(key)``).
+      train_x: training data (n, d).
+      optimizer: an optax transformation (pass the same object to share compilation).
+      batch_size, num_epochs: minibatch size and passes over the data.
+      restart_epochs: epochs after which dead codes are restarted (0: never).
+      workdir: if given, each epoch's history row is appended to its ``metrics.jsonl``.
+
+    Returns:
+      A :class:`VQFitResult`.
+
+    Raises:
+      ValueError: on bad arguments; ``emvi.train.TrainingDivergedError`` when an epoch's
+        mean loss is not finite.
+    """
+    from emvi import runs, train
+
+    num_epochs = _checks.check_positive_int(num_epochs, name="num_epochs")
+    batch_size = _checks.check_positive_int(batch_size, name="batch_size")
+    _checks.check_positive_int(restart_epochs, name="restart_epochs", minimum=0)
+    x = _checks.as_data_matrix(train_x, name="train_x")
+    if x.shape[1] != model.data_dim:
+        raise ValueError(f"train_x has {x.shape[1]} columns; the model expects {model.data_dim}.")
+    k_train, k_restart = key if jnp.shape(key) == (2,) else jax.random.split(key)
+    m = model.quantizer.num_codes
+    train_epoch = _train_epoch(model, optimizer, batch_size)
+    state = train.init_state(params, optimizer)
+    x = jnp.asarray(x, jnp.float32)
+    history, restarts = [], 0
+    log = runs.MetricsLog(workdir) if workdir is not None else None
+    try:
+        for epoch in range(num_epochs):
+            state, step_metrics = train_epoch(state, k_train, epoch, x)
+            row = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in step_metrics.items()}}
+            if not np.isfinite(row["loss"]):
+                raise train.TrainingDivergedError(
+                    f"VQ-VAE training diverged in epoch {epoch}.", step=-1, epoch=epoch
+                )
+            z_e, idx = _assign_jit(state.params, x, model=model)
+            usage = code_usage(idx, m)
+            row["train_dead_codes"] = int(jnp.sum(usage == 0))
+            if epoch < restart_epochs and row["train_dead_codes"] > 0:
+                codebook = state.params.vq["params"]["codebook"]
+                new = restart_dead_codes(jax.random.fold_in(k_restart, epoch), codebook, usage, z_e)
+                restarts += row["train_dead_codes"]
+                vq_params = {"params": {"codebook": new}}
+                state = state._replace(params=state.params._replace(vq=vq_params))
+            history.append(row)
+            if log is not None:
+                log.write(**row)
+    finally:
+        if log is not None:
+            log.close()
+    return VQFitResult(state.params, history, restarts)
+
+
+def evaluate_vqvae(params: VQVAEParams, test_x, train_x, *, model: VQVAE) -> dict:
+    r"""Held-out numbers of a VQ-VAE with the nearest codes (nothing is sampled).
+
+    Returns:
+      ``recon``: mean :math:`\log p(x \mid z_q)` on ``test_x``; ``elbo``: it minus
+      :math:`g \log m` (:func:`vqvae_elbo`); ``perplexity`` of the test set's code usage;
+      ``dead_codes``: codes no training vector is assigned to; and
+      ``distinct_code_tuples_test``: how many different g-tuples of codes the test set uses.
+    """
+    m, groups = model.quantizer.num_codes, model.groups
+    test = jnp.asarray(_checks.as_data_matrix(test_x, name="test_x"), jnp.float32)
+    train = jnp.asarray(_checks.as_data_matrix(train_x, name="train_x"), jnp.float32)
+    recon = float(jnp.mean(_log_likelihood_jit(params, test, model=model)))
+    _, test_idx = _assign_jit(params, test, model=model)
+    _, train_idx = _assign_jit(params, train, model=model)
+    tuples = np.asarray(test_idx).reshape(-1, groups)
+    return {
+        "recon": recon,
+        "elbo": vqvae_elbo(recon, groups=groups, num_codes=m),
+        "perplexity": float(codebook_perplexity(test_idx, m)),
+        "dead_codes": int(dead_codes(train_idx, m)),
+        "distinct_code_tuples_test": len({tuple(t) for t in tuples.tolist()}),
+    }

@@ -1,19 +1,11 @@
 """VAEs on digits-bin (or MNIST): a Gaussian-latent VAE and a categorical-latent VAE.
 
 Both maximise the ELBO with an amortized E-step (a Flax encoder) and a gradient M-step
-(Adam on the decoder, jointly with the encoder). The Gaussian VAE is trained on the
-reparameterised Monte Carlo ELBO (or IWAE_k with ``--iwae-k-train``) and evaluated with
-the IWAE k=5000 estimate of log p(x); the categorical VAE (uniform prior over m classes)
-is trained on its exact, enumerated ELBO and evaluated with its exact log p(x).
-
-Run folder::
-
-    config.json            config, git SHA, versions, backend
-    results.json           final numbers for each model (see ``evaluate_*``)
-    <kind>/metrics.jsonl   one row per epoch (loss, elbo, recon, kl, eval_test_elbo, ...)
-    <kind>/checkpoints/    orbax checkpoints (``--resume`` continues from them)
-    figures.npz            the arrays behind the image figures
-    *.png                  learning_curves, reconstructions, samples, traversals
+(Adam, jointly with the encoder): the Gaussian VAE on the reparameterised ELBO (or IWAE_k
+with ``--iwae-k-train``), scored by IWAE with k=5000 (``emvi.vae.evaluate_gaussian``); the
+categorical VAE (uniform prior over m classes) on its exact enumerated ELBO, scored exactly
+(``emvi.vae.evaluate_categorical``). Run folder: ``results.json``, ``<kind>/metrics.jsonl``,
+``<kind>/checkpoints/`` (``--resume`` continues from them), ``figures.npz`` and the PNGs.
 
 Usage::
 
@@ -25,9 +17,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -36,7 +26,7 @@ import jax
 import numpy as np
 import optax
 
-from emvi import data, metrics, plotting, runs, vae
+from emvi import data, plotting, runs, vae
 
 KINDS = ("gaussian", "categorical")
 
@@ -91,27 +81,16 @@ def load_data(cfg: Config) -> data.Split:
     return data.load_mnist(cfg.mnist_path, binarize=True)
 
 
-def build_model(cfg: Config, kind: str, data_dim: int) -> vae.Model:
-    if kind == "gaussian":
-        return vae.gaussian_vae(data_dim, cfg.latent_dim, cfg.hidden, activation=cfg.activation)
-    return vae.categorical_vae(data_dim, cfg.num_classes, cfg.hidden, activation=cfg.activation)
-
-
-def _fingerprint(cfg: Config, kind: str) -> str:
-    """Hash of the settings that define the trained model (so a resume cannot mix runs)."""
-    skip = {"workdir", "overwrite", "resume", "progress", "plots", "eval_num_samples"}
-    fields = {k: v for k, v in runs.to_jsonable(cfg).items() if k not in skip}
-    fields["kind"] = kind
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_one(cfg: Config, kind: str, split: data.Split, workdir: Path):
     """Trains one VAE; returns (model, params, fit result)."""
-    model = build_model(cfg, kind, split.train_x.shape[1])
+    build = vae.gaussian_vae if kind == "gaussian" else vae.categorical_vae
+    size = cfg.latent_dim if kind == "gaussian" else cfg.num_classes
+    model = build(split.train_x.shape[1], size, cfg.hidden, activation=cfg.activation)
     use_iwae = kind == "gaussian" and cfg.iwae_k_train > 0
-    key = jax.random.fold_in(jax.random.key(cfg.seed), KINDS.index(kind))
+    # The settings that define the trained model, so a resume cannot mix runs.
+    skip = ("workdir", "overwrite", "resume", "progress", "plots", "eval_num_samples")
     result = vae.fit_vae(
-        key,
+        jax.random.fold_in(jax.random.key(cfg.seed), KINDS.index(kind)),
         model,
         split.train_x,
         optimizer=optax.adam(cfg.learning_rate),
@@ -126,14 +105,9 @@ def train_one(cfg: Config, kind: str, split: data.Split, workdir: Path):
         checkpoint_every=cfg.checkpoint_every,
         progress=cfg.progress,
         resume=cfg.resume,
-        config_fingerprint=_fingerprint(cfg, kind),
+        config_fingerprint=runs.fingerprint(cfg, skip=skip, kind=kind),
     )
     return model, result.state.params, result
-
-
-def _shown_reconstructions(key, params, x, model, num=16) -> np.ndarray:
-    # Reconstruct the whole test set (the shape already compiled for the error) and slice.
-    return np.asarray(vae.reconstruct(key, params, x, model=model))[:num]
 
 
 def evaluate(cfg: Config, kind: str, params, model, split: data.Split) -> dict:
@@ -155,25 +129,17 @@ def evaluate(cfg: Config, kind: str, params, model, split: data.Split) -> dict:
 def figure_arrays(cfg: Config, trained: dict, split: data.Split) -> dict:
     """The images behind the figures (saved to figures.npz so plots need no retraining)."""
     key = jax.random.key(cfg.seed + 4)
-    shown = split.test_x[:16]
-    out = {"test_x": shown}
+    out = {"test_x": split.test_x[:16]}
     for kind, (model, params) in trained.items():
         k_rec, k_gen = jax.random.split(jax.random.fold_in(key, KINDS.index(kind)))
-        out[f"recon_{kind}"] = _shown_reconstructions(k_rec, params, split.test_x, model)
+        # The whole test set (the shape already compiled for the error), then 16 shown.
+        recon = vae.reconstruct(k_rec, params, split.test_x, model=model)
+        out[f"recon_{kind}"] = np.asarray(recon)[:16]
         if kind == "gaussian":
             out["samples_gaussian"] = np.asarray(vae.generate(k_gen, params, 64, model=model))
-            means, scales = vae.encode(params, split.test_x, model=model)
-            kl = np.asarray(metrics.kl_per_dim(means, scales))
-            dims = np.argsort(-kl)[: min(8, model.latent_dim)]
-            values = np.linspace(-2.5, 2.5, 9)
-            z = np.zeros((dims.size, values.size, model.latent_dim), np.float32)
-            for row, dim in enumerate(dims):
-                z[row, :, dim] = values
-            images = vae.decode(params, z.reshape(-1, model.latent_dim), model=model)
-            out["traversal_gaussian"] = np.asarray(images).reshape(dims.size, values.size, -1)
-            out["traversal_dims"] = dims
-            out["traversal_kl"] = kl[dims]
-            out["traversal_values"] = values
+            trav = vae.latent_traversal(params, split.test_x, model=model)
+            out["traversal_gaussian"], out["traversal_dims"] = trav.images, trav.dims
+            out["traversal_kl"], out["traversal_values"] = trav.kl, trav.values
         else:
             codes = np.eye(model.num_classes, dtype=np.float32)
             out["prototypes_categorical"] = np.asarray(vae.decode(params, codes, model=model))
@@ -188,7 +154,6 @@ def main(cfg: Config) -> dict:
     workdir = workdir.resolve()  # orbax wants absolute checkpoint paths
     runs.write_config(workdir, cfg)
     split = load_data(cfg)
-    kinds = KINDS if cfg.latent == "both" else (cfg.latent,)
     results: dict = {
         "dataset": cfg.dataset,
         "num_train": int(split.train_x.shape[0]),
@@ -197,26 +162,24 @@ def main(cfg: Config) -> dict:
     }
     trained = {}
     started = time.perf_counter()
-    for kind in kinds:
+    for kind in KINDS if cfg.latent == "both" else (cfg.latent,):
         print(f"[vae] training the {kind} VAE for {cfg.epochs} epochs", flush=True)
         tic = time.perf_counter()
         model, params, fit = train_one(cfg, kind, split, workdir)
         train_time = time.perf_counter() - tic
-        print(f"[vae] evaluating the {kind} VAE", flush=True)
-        tic = time.perf_counter()
         row = evaluate(cfg, kind, params, model, split)
+        if kind == "categorical":
+            objective = "exact ELBO"
+        else:
+            objective = f"IWAE_{cfg.iwae_k_train}" if cfg.iwae_k_train > 0 else "MC ELBO"
         row.update(
             train_time_s=train_time,
-            eval_time_s=time.perf_counter() - tic,
+            eval_time_s=time.perf_counter() - tic - train_time,
             resumed_from_epoch=fit.resumed_from,
             examples_per_second=(
                 fit.examples_per_epoch / fit.steady_epoch_time if fit.steady_epoch_time else None
             ),
-            objective=(
-                f"IWAE_{cfg.iwae_k_train}"
-                if kind == "gaussian" and cfg.iwae_k_train > 0
-                else ("exact ELBO" if kind == "categorical" else "MC ELBO")
-            ),
+            objective=objective,
         )
         results[kind] = row
         trained[kind] = (model, params)
@@ -234,10 +197,6 @@ def main(cfg: Config) -> dict:
     return results
 
 
-# ---------------------------------------------------------------------------------------
-# Figures, from the run folder only.
-
-
 def plot(workdir: str | Path) -> list[Path]:
     """Draws the PNG figures from metrics.jsonl, results.json and figures.npz."""
     plt = plotting.pyplot()
@@ -249,72 +208,51 @@ def plot(workdir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in kinds:
         rows = runs.read_metrics(workdir / kind)
-        epochs = [r["epoch"] + 1 for r in rows]
-        ax.plot(epochs, [-r["loss"] for r in rows], label=f"{kind}: train objective")
+        ax.plot(
+            [r["epoch"] + 1 for r in rows],
+            [-r["loss"] for r in rows],
+            label=f"{kind}: train objective",
+        )
         ev = [(r["epoch"] + 1, r["eval_test_elbo"]) for r in rows if "eval_test_elbo" in r]
         if ev:
             ax.plot(*zip(*ev, strict=True), "o-", ms=3, label=f"{kind}: test ELBO")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per example")
+    ax.set(xlabel="epoch", ylabel="nats per example", title="Learning curves")
     ax.set_ylim(bottom=max(ax.get_ylim()[0], -60))
     ax.legend()
-    ax.set_title("Learning curves")
     written.append(plotting.save(fig, workdir / "learning_curves.png"))
 
-    recon_kinds = [k for k in kinds if f"recon_{k}" in arrays]
-    fig, axes = plt.subplots(1 + len(recon_kinds), 1, figsize=(8, 1.2 * (1 + len(recon_kinds))))
-    axes = np.atleast_1d(axes)
-    for ax, (name, images) in zip(
-        axes,
-        [("test data", arrays["test_x"])] + [(k, arrays[f"recon_{k}"]) for k in recon_kinds],
-        strict=True,
-    ):
-        ax.imshow(plotting.image_grid(images, 1, len(images)), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_ylabel(name, rotation=0, ha="right", va="center")
-        ax.set_xticks([])
-        ax.set_yticks([])
+    shown = [("test data", arrays["test_x"])]
+    shown += [(k, arrays[f"recon_{k}"]) for k in kinds if f"recon_{k}" in arrays]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.2 * len(shown)), squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], shown, strict=True):
+        plotting.show_images(ax, images, 1, len(images), ylabel=name)
     fig.suptitle("Reconstructions E[x | z], z ~ q(z | x)")
     written.append(plotting.save(fig, workdir / "reconstructions.png"))
 
     panels = []
     if "samples_gaussian" in arrays:
-        panels.append(("Gaussian VAE: z ~ N(0, I)", arrays["samples_gaussian"], 8))
+        panels.append(("Gaussian VAE: z ~ N(0, I)", arrays["samples_gaussian"]))
     if "prototypes_categorical" in arrays:
-        protos = arrays["prototypes_categorical"]
-        panels.append(("Categorical VAE: every class k", protos, math.ceil(math.sqrt(len(protos)))))
+        panels.append(("Categorical VAE: every class k", arrays["prototypes_categorical"]))
     if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-        for ax, (title, images, cols) in zip(np.atleast_1d(axes), panels, strict=True):
-            rows = math.ceil(len(images) / cols)
-            ax.imshow(plotting.image_grid(images, rows, cols), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+        for ax, (title, images) in zip(axes[0], panels, strict=True):
+            plotting.show_images(ax, images, title=title)
         fig.suptitle("Samples: decoder means E[x | z]")
         written.append(plotting.save(fig, workdir / "samples.png"))
 
     if "traversal_gaussian" in arrays:
         trav = arrays["traversal_gaussian"]
+        dims = zip(arrays["traversal_dims"], arrays["traversal_kl"], strict=True)
         fig, ax = plt.subplots(figsize=(5, 0.6 * trav.shape[0] + 0.8))
-        ax.imshow(
-            plotting.image_grid(trav.reshape(-1, trav.shape[-1]), trav.shape[0], trav.shape[1]),
-            cmap="gray_r",
-            vmin=0,
-            vmax=1,
+        plotting.show_images(
+            ax,
+            trav.reshape(-1, trav.shape[-1]),
+            *trav.shape[:2],
+            title="Latent traversals (other dims 0), by KL",
+            row_labels=[f"z{d} (KL {kl:.2f})" for d, kl in dims],
+            col_labels=[f"{v:.1f}" for v in arrays["traversal_values"]],
         )
-        side = round(math.sqrt(trav.shape[-1])) + 1
-        ax.set_yticks(
-            [side * i + side / 2 - 1 for i in range(trav.shape[0])],
-            [
-                f"z{d} (KL {kl:.2f})"
-                for d, kl in zip(arrays["traversal_dims"], arrays["traversal_kl"], strict=True)
-            ],
-            fontsize=7,
-        )
-        vals = arrays["traversal_values"]
-        ax.set_xticks(
-            [side * i + side / 2 - 1 for i in range(len(vals))], [f"{v:.1f}" for v in vals]
-        )
-        ax.set_title("Latent traversals (other dims 0), by KL")
         written.append(plotting.save(fig, workdir / "traversals.png"))
     return written
 

@@ -248,3 +248,89 @@ def test_vqvae_loss_is_reconstruction_plus_vq_terms(rng):
     assert samples.shape == (5, 6) and set(np.unique(np.asarray(samples))) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="groups"):
         vq.VQVAE(model.encoder, model.quantizer, model.decoder, 0)
+
+
+@pytest.fixture(scope="module")
+def vq_fit_setup():
+    import optax
+
+    model = _tiny_vqvae(m=6)
+    rng = np.random.default_rng(3)
+    x = (rng.random((40, 6)) < 0.5).astype(np.float32)
+    params = model.init(jax.random.key(0))
+    # All codes but one far from every encoder output: five start dead.
+    codebook = params.vq["params"]["codebook"]
+    far = codebook.at[1:].set(1e3)
+    params = params._replace(vq={"params": {"codebook": far}})
+    return model, params, x, optax.adam(1e-2)
+
+
+def test_fit_vqvae_without_restarts_is_train_fit_on_the_vqvae_loss(vq_fit_setup, tmp_path):
+    import functools
+
+    from emvi import runs, train
+
+    model, params, x, opt = vq_fit_setup
+    keys = jax.random.split(jax.random.key(1))
+    res = vq.fit_vqvae(
+        keys, model, params, x, optimizer=opt, batch_size=10, num_epochs=3, workdir=tmp_path
+    )
+    # The oracle: emvi.train.fit's own loop over the same loss, key and optimizer.
+    loss = functools.partial(vq.vqvae_loss, model=model)
+    ref = train.fit(
+        keys[0], loss, params, opt, x, batch_size=10, num_epochs=3, progress=False, resume=False
+    )
+    assert res.codes_restarted == 0
+    np.testing.assert_array_equal(
+        [r["loss"] for r in res.history], [r["loss"] for r in ref.history]
+    )
+    jax.tree.map(np.testing.assert_array_equal, res.params, ref.state.params)
+    assert [r["train_dead_codes"] for r in res.history] == [5, 5, 5]
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_fit_vqvae_restarts_dead_codes_and_counts_them(vq_fit_setup):
+    model, params, x, opt = vq_fit_setup
+    res = vq.fit_vqvae(
+        jax.random.key(1),
+        model,
+        params,
+        x,
+        optimizer=opt,
+        batch_size=10,
+        num_epochs=3,
+        restart_epochs=2,
+    )
+    dead = [r["train_dead_codes"] for r in res.history]
+    assert dead[0] == 5  # counted before the first restart
+    assert res.codes_restarted == dead[0] + dead[1] > 0
+    # Restarted codes sit on encoder outputs, so fewer are dead at the end than the five.
+    assert vq.evaluate_vqvae(res.params, x, x, model=model)["dead_codes"] < 5
+    with pytest.raises(ValueError, match="train_x"):
+        vq.fit_vqvae(
+            jax.random.key(1), model, params, x[:, :3], optimizer=opt, batch_size=10, num_epochs=1
+        )
+
+
+def test_evaluate_vqvae_matches_a_numpy_oracle(vq_fit_setup):
+    model, params, x, _ = vq_fit_setup
+    params = params._replace(vq=model.init(jax.random.key(2)).vq)  # every code alive
+    test, train = x[:15], x[15:]
+    out = vq.evaluate_vqvae(params, test, train, model=model)
+    codebook = np.asarray(params.vq["params"]["codebook"])
+
+    def nearest(data):
+        z_e = np.asarray(model.encoder.apply(params.encoder, jnp.asarray(data))).reshape(-1, 2)
+        return _np_nearest(z_e, codebook)[0]
+
+    idx = nearest(test)
+    z_q = jnp.asarray(codebook[idx].reshape(15, -1))
+    recon = model.decoder.apply(params.decoder, z_q, jnp.asarray(test), method="log_prob")
+    recon = np.asarray(recon)
+    p = np.bincount(idx, minlength=6) / idx.size
+    perplexity = np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))
+    assert out["recon"] == pytest.approx(recon.mean(), rel=1e-6)  # float32 sums
+    assert out["elbo"] == pytest.approx(out["recon"] - 2 * np.log(6), rel=1e-12)
+    assert out["perplexity"] == pytest.approx(perplexity, rel=1e-6)
+    assert out["dead_codes"] == 6 - np.unique(nearest(train)).size
+    assert out["distinct_code_tuples_test"] == np.unique(idx.reshape(15, 2), axis=0).shape[0]
