@@ -1,38 +1,22 @@
 r"""The cells of the EM / VI grid side by side, and the inference gaps of their encoders.
 
-Two mixtures with an exact posterior over a finite latent:
-
-* ``digits``: a Bernoulli mixture (k = 20, Beta(2, 2) prior on the pixel probabilities) on
-  the digits-bin protocol (1500 train / 297 test images);
-* ``gmm``: a full-covariance Gaussian mixture (k = 3) on 2-D draws from
-  :func:`emvi.data.synthetic_mixture`, with a held-out draw as test set.
-
-**Cells** (:func:`emvi.grid.run_corner`, same initial theta for all), each one E-step of
-:mod:`emvi.estep` and one M-step of :mod:`emvi.mstep`: EM, generalised EM, variational EM
-(local q per example) with either M-step, amortized EM, the VAE-style cell (joint and
-alternating), and their semi-amortized versions (the encoder's q refined by a few local
-steps before the M-step, Kim et al. 2018). For each: the final exact log-likelihood per
-example (train and test), the final ELBO of the cell's q, and the wall time of its jitted
-steps until the log-likelihood first comes within 0.1 nats of its own final value.
-
-**Gaps** (Cremer, Li & Duvenaud, 2018), for every cell with an encoder, at its final theta:
-
-.. math::
-    \log p(x) - \mathrm{ELBO}(q_\phi)
-      = \underbrace{\log p(x) - \mathrm{ELBO}(q^*)}_{\text{approximation}}
-      + \underbrace{\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q_\phi)}_{\text{amortization}},
-
-with :math:`q^*` the local E-step run to convergence from the encoder's q
-(:func:`emvi.grid.gap_decomposition`); the same split with only ``refine_steps`` local steps
-says how much of the amortization gap semi-amortized inference closes. A Gaussian VAE
-(:mod:`emvi.vae`) on digits-bin gets the same split with Monte Carlo ELBOs
-(:func:`emvi.elbo.gaussian_mc_elbo`) and log p(x) by importance sampling.
-
-Run folder: ``config.json``, ``metrics.jsonl`` (one row per cell and data set),
-``results.json``, ``loglik_vs_time.png`` and ``gaps.png`` (remade by :func:`plot`).
+Two mixtures with an exact posterior over a finite latent: a Bernoulli mixture (k = 20,
+Beta(2, 2) prior) on digits-bin, and a full-covariance GMM (k = 3) on 2-D draws of
+:func:`emvi.data.synthetic_mixture`. Each cell (:func:`emvi.grid.run_corner`, same initial
+theta) is one E-step of :mod:`emvi.estep` and one M-step of :mod:`emvi.mstep`: EM,
+generalised EM, variational EM with either M-step, amortized EM, the VAE-style cell (joint
+and alternating) and their semi-amortized versions (Kim et al. 2018). Per cell: the final
+exact train and test log-likelihood, the final ELBO, and the wall time of its jitted steps
+until the log-likelihood comes within 0.1 nats of its own final value. For every encoder,
+the Cremer, Li & Duvenaud (2018) split of log p(x) - ELBO(q_phi) into approximation and
+amortization gaps (:func:`emvi.grid.gap_decomposition`), and the part of the latter that
+``refine_steps`` local steps close; a Gaussian VAE gets the same split by Monte Carlo
+(:func:`emvi.vae.gap_decomposition`). Run folder: ``config.json``, ``metrics.jsonl``,
+``results.json``, ``loglik_vs_time.png`` and ``gaps.png``.
 
 Usage:
   python experiments/amortization_gap.py --workdir runs/amortization_gap --overwrite
+  python experiments/amortization_gap.py plot runs/amortization_gap   # remake the figures
 """
 
 from __future__ import annotations
@@ -44,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emvi import runs
+from emvi import plotting, runs
 
 # label -> (E-step, M-step, schedule); "semi" is the amortized E-step refined by local steps.
 CORNER_RUNS = {
@@ -146,17 +130,10 @@ def _load_data(cfg: Config, name: str, key, dtype):
     x_test, _, _ = synthetic_mixture(cfg.seed + 1000, cfg.gmm_num_test, dtype=dtype)
     shift = x.mean(axis=0)  # the packed GMM E-step wants centred data
     x, x_test = jnp.asarray(x - shift), jnp.asarray(x_test - shift)
-    theta0 = gmm.init_params(
-        key,
-        x,
-        cfg.gmm_num_components,
-        covariance_type="full",
-        method="random",
-        reg_covar=cfg.gmm_reg_covar,
-    )
-    hyper = gmm.GMMHyper(jnp.asarray(cfg.gmm_reg_covar, dtype))
-    desc = f"GMM (full), k={cfg.gmm_num_components}, 2-D synthetic"
-    return gmm.model("full"), x, x_test, theta0, hyper, desc
+    k, reg = cfg.gmm_num_components, cfg.gmm_reg_covar
+    theta0 = gmm.init_params(key, x, k, covariance_type="full", method="random", reg_covar=reg)
+    desc = f"GMM (full), k={k}, 2-D synthetic"
+    return gmm.model("full"), x, x_test, theta0, gmm.GMMHyper(jnp.asarray(reg, dtype)), desc
 
 
 def _cells(cfg: Config, model, encoder) -> dict:
@@ -179,6 +156,7 @@ def _cells(cfg: Config, model, encoder) -> dict:
     one_theta_step = mstep.gradient(model, optimizer=theta_opt)
     local = estep.local(model, optimizer=local_opt, num_steps=cfg.local_steps)
     joint_e = estep.amortized(model, encoder, optimizer=phi_opt)
+    semi_em, semi_vae = estep.refine(amortized_em, refine), estep.refine(vae_alt, refine)
     return {
         "em": (grid.Cell(estep.exact(model), closed), cfg.em_iters, None),
         "gem": (grid.Cell(estep.exact(model), gem), cfg.gem_iters, None),
@@ -187,16 +165,8 @@ def _cells(cfg: Config, model, encoder) -> dict:
         "amortized_em": (grid.Cell(amortized_em, closed), cfg.amortized_em_iters, amortized_em),
         "vae_joint": (grid.Cell(joint_e, one_theta_step, grid.Joint()), cfg.vae_iters, joint_e),
         "vae_alternating": (grid.Cell(vae_alt, one_theta_step), cfg.vae_iters, vae_alt),
-        "semi_amortized_em": (
-            grid.Cell(estep.refine(amortized_em, refine), closed),
-            cfg.amortized_em_iters,
-            amortized_em,
-        ),
-        "semi_amortized_vae": (
-            grid.Cell(estep.refine(vae_alt, refine), one_theta_step),
-            cfg.vae_iters,
-            vae_alt,
-        ),
+        "semi_amortized_em": (grid.Cell(semi_em, closed), cfg.amortized_em_iters, amortized_em),
+        "semi_amortized_vae": (grid.Cell(semi_vae, one_theta_step), cfg.vae_iters, vae_alt),
     }
 
 
@@ -294,12 +264,8 @@ def main(cfg: Config) -> dict:
                     )
                 row["seconds_total"] = time.perf_counter() - start
                 entry["corners"][label] = row
-                log.write(
-                    dataset=name,
-                    corner=label,
-                    gaps=entry["gaps"].get(label),
-                    **{k: v for k, v in row.items() if k != "history"},
-                )
+                rest = {k: v for k, v in row.items() if k != "history"}
+                log.write(dataset=name, corner=label, gaps=entry["gaps"].get(label), **rest)
             results[name] = entry
     if cfg.gaussian_vae:
         results["gaussian_vae"] = _gaussian_vae_gaps(cfg, jax.random.fold_in(key, 99))
@@ -311,31 +277,26 @@ def main(cfg: Config) -> dict:
 
 
 def _gaussian_vae_gaps(cfg: Config, key) -> dict:
-    """Trains a Gaussian VAE on digits-bin and splits its inference gap (Cremer et al.):
-    q* is the per-example diagonal Gaussian found by Adam on the reparameterised ELBO
-    (:func:`emvi.optim.run_steps` on :func:`emvi.elbo.gaussian_mc_elbo`, fresh draws each
-    step, started from the encoder's output)."""
+    """Trains a Gaussian VAE on digits-bin and splits its inference gap on train and test
+    images (:func:`emvi.vae.gap_decomposition`)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
-    from emvi import elbo, vae
+    from emvi import vae
     from emvi.data import digits_bin
-    from emvi.optim import run_steps
 
     start = time.perf_counter()
     split = digits_bin(np.float32)
     model = vae.gaussian_vae(64, cfg.gvae_latent_dim, tuple(cfg.gvae_hidden))
-    k_fit, k_ll, k_elbo, k_local = jax.random.split(key, 4)
+    keys = jax.random.split(key, 4)  # training, then log p(x), the ELBO draws, q*'s steps
     fit = vae.fit_vae(
-        k_fit,
+        keys[0],
         model,
         split.train_x,
         optimizer=optax.adam(cfg.gvae_learning_rate),
         batch_size=min(100, split.train_x.shape[0]),
         num_epochs=cfg.gvae_epochs,
     )
-    params = fit.state.params
     out: dict = {
         "status": "done",
         "description": (
@@ -344,55 +305,29 @@ def _gaussian_vae_gaps(cfg: Config, key) -> dict:
         ),
         "train_seconds": time.perf_counter() - start,
     }
-
-    @jax.jit
-    def elbos(x):
-        mean, scale = model.encoder.apply(params.encoder, x)
-
-        def log_joint(z):  # (s, n, l) -> (s, n)
-            xb = jnp.broadcast_to(x[None], (z.shape[0], *x.shape))
-            log_lik = model.decoder.apply(params.decoder, z, xb, method="log_prob")
-            return log_lik + elbo.std_normal_log_prob(z)
-
-        def loss(q, t):
-            k = jax.random.fold_in(k_local, t)
-            return -jnp.sum(elbo.gaussian_mc_elbo(k, log_joint, *q, num_samples=8))
-
-        opt = optax.adam(cfg.gvae_local_learning_rate)
-        q0 = (mean, jnp.log(scale))
-        best, _, _ = run_steps(loss, opt, q0, opt.init(q0), cfg.gvae_local_steps)
-        n = cfg.gvae_elbo_samples
-        e_phi = elbo.gaussian_mc_elbo(k_elbo, log_joint, *q0, num_samples=n)
-        e_best = elbo.gaussian_mc_elbo(k_elbo, log_joint, *best, num_samples=n)
-        return jnp.mean(e_phi), jnp.mean(e_best)
-
+    local_opt = optax.adam(cfg.gvae_local_learning_rate)
     for split_name, xs in (
         ("train", split.train_x[: cfg.gvae_num_train_eval]),
         ("test", split.test_x),
     ):
-        xs = jnp.asarray(xs)
-        lls = vae.log_likelihood(k_ll, params, xs, model=model, num_samples=cfg.gvae_iwae_samples)
-        ll = float(jnp.mean(lls))
-        e_phi, e_best = (float(v) for v in elbos(xs))
-        out[split_name] = {
-            "num_examples": int(xs.shape[0]),
-            "log_likelihood": ll,
-            "elbo_best": e_best,
-            "elbo_amortized": e_phi,
-            "approximation_gap": ll - e_best,
-            "amortization_gap": e_best - e_phi,
-        }
+        report = vae.gap_decomposition(
+            keys[1:],
+            fit.state.params,
+            xs,
+            model=model,
+            optimizer=local_opt,
+            num_steps=cfg.gvae_local_steps,
+            elbo_samples=cfg.gvae_elbo_samples,
+            ll_samples=cfg.gvae_iwae_samples,
+        )
+        out[split_name] = {"num_examples": int(xs.shape[0]), **report._asdict()}
     out["seconds"] = time.perf_counter() - start
     return out
 
 
 def plot(workdir) -> list[Path]:
     """Remakes ``loglik_vs_time.png`` and ``gaps.png`` from ``results.json``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     workdir = Path(workdir)
     results = json.loads((workdir / "results.json").read_text())
     names = [d for d in DATASETS if d in results]
@@ -419,10 +354,7 @@ def plot(workdir) -> list[Path]:
             fontsize=9,
         )
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(workdir / "loglik_vs_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plotting.save(fig, workdir / "loglik_vs_time.png"))
 
     panels = [(results[n]["gaps"], results[n]["description"]) for n in names]
     gvae = results.get("gaussian_vae", {})
@@ -432,30 +364,20 @@ def plot(workdir) -> list[Path]:
         )
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (gaps, title) in zip(axes[0], panels, strict=True):
-        labels, approx, amort, closed = [], [], [], []
-        for label, by_split in gaps.items():
-            for split_name in ("train", "test"):
-                g = by_split[split_name]
-                labels.append(f"{label}\n{split_name}")
-                approx.append(float(g["approximation_gap"]))
-                amort.append(float(g["amortization_gap"]))
-                semi = g.get("elbo_semi_amortized")
-                closed.append(np.nan if semi is None else semi - g["elbo_amortized"])
-        pos, bottom = np.arange(len(labels)), np.maximum(approx, 0.0)
+        bars = [
+            (f"{label}\n{s}", by_split[s]) for label, by_split in gaps.items() for s in by_split
+        ]
+        approx = np.array([float(g["approximation_gap"]) for _, g in bars])
+        amort = np.array([float(g["amortization_gap"]) for _, g in bars])
+        closed = [g.get("elbo_semi_amortized", np.nan) - g["elbo_amortized"] for _, g in bars]
+        pos, bottom = np.arange(len(bars)), np.maximum(approx, 0.0)
         ax.bar(pos, approx, color="0.6", label="approximation gap (measured)")
         ax.bar(pos, amort, bottom=bottom, color="C3", label="amortization gap")
         if not np.all(np.isnan(closed)):
-            ax.bar(
-                pos,
-                closed,
-                bottom=bottom,
-                color="C2",
-                width=0.4,
-                label="closed by the semi-amortized refinement",
-            )
-        ax.set_xticks(pos, labels, fontsize=6, rotation=40)
-        tops = bottom + np.asarray(amort)
-        ax.set_ylim(0.0, 1.4 * max(float(np.max(tops, initial=0.0)), 1e-12))
+            label = "closed by the semi-amortized refinement"
+            ax.bar(pos, closed, bottom=bottom, color="C2", width=0.4, label=label)
+        ax.set_xticks(pos, [b for b, _ in bars], fontsize=6, rotation=40)
+        ax.set_ylim(0.0, 1.4 * max(float(np.max(bottom + amort, initial=0.0)), 1e-12))
         ax.set_ylabel("nats per example")
         ax.set_xlabel(
             f"approximation gap (measured): max |.| = {max(np.abs(approx), default=0):.1e} nats",
@@ -464,19 +386,9 @@ def plot(workdir) -> list[Path]:
         ax.set_title(title, fontsize=8)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("log p(x) - ELBO(q_phi) = approximation gap + amortization gap")
-    fig.tight_layout()
-    paths.append(workdir / "gaps.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(plotting.save(fig, workdir / "gaps.png"))
     return paths
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 2 and sys.argv[1] == "plot":  # remake the figures from a run folder
-        print(plot(sys.argv[2]))
-    else:
-        import tyro
-
-        main(tyro.cli(Config))
+    runs.cli(Config, main, plot)

@@ -1,27 +1,15 @@
 r"""A linear-Gaussian VAE trained by gradient reaches the pPCA maximum likelihood.
 
-The VAE is one cell of the grid (``emvi.grid``): the amortized E-step with a linear encoder
-(``emvi.linear_vae.LinearEncoder``: :math:`q(z \mid x) = \mathcal N(Ax + b, S)`, S a learned
-constant, diagonal by default) and the gradient M-step on the pPCA decoder
-(``emvi.linear_gaussian.model("isotropic")``: :math:`p(x \mid z) = \mathcal N(Wz + \mu,
-\sigma^2 I)`, prior :math:`\mathcal N(0, I)`), stepped jointly (``grid.Joint``). The ELBO is
-in closed form (``linear_gaussian.elbo``), so training is deterministic: full-batch Adam
-with a cosine-decayed rate through the cell, then L-BFGS (``optax.lbfgs``) on the same
-cell objective to a small gradient. Lucas, Tucker, Grosse & Norouzi (2019) predict
-that the optimum is the pPCA maximum-likelihood solution and that the ELBO is *tight*
-there (a rotation of z makes the exact posterior covariance diagonal). The experiment
-measures, on the digits (1797 x 64, pixels / 16, float64):
-
-* the ELBO and the exact :math:`\log p(x)` of the trained decoder against the
-  closed-form pPCA optimum (``emvi.ppca.closed_form_ml``), in nats per example;
-* the largest principal angle between span(W_vae) and span(W_ml) (W is identified only
-  up to a rotation, so subspaces are compared, not matrices);
-* optionally the same VAE trained on a one-sample Monte Carlo ELBO (Adam only), and
-  pPCA fitted by EM (``emvi.ppca.fit``): the other corner of the same objective.
-
-Run folder (``--workdir``): ``config.json``, ``metrics.jsonl`` (one row per logged step
-of each phase), ``results.json``, ``params.npz`` (trained and ML parameters) and
-``linear_vae_ppca.png``.
+The VAE is one cell of the grid (``emvi.grid``): the amortized E-step with
+``emvi.linear_vae.LinearEncoder`` (:math:`q(z \mid x) = \mathcal N(Ax + b, S)`, S a learned
+constant) and the gradient M-step on the pPCA decoder (``emvi.linear_gaussian``,
+isotropic noise), stepped jointly. Its ELBO is in closed form, so training is deterministic:
+full-batch Adam (cosine-decayed rate), then L-BFGS (``emvi.optim.run_lbfgs``) on the same
+objective. Measured on the digits / 16 in float64 (Lucas et al., 2019, predict both gaps
+vanish): the ELBO and exact log p(x) against the closed-form pPCA optimum, the largest
+principal angle between span(W_vae) and span(W_ml); optionally the same VAE on a one-sample
+Monte Carlo ELBO, and pPCA by EM. Run folder: ``config.json``, ``metrics.jsonl``,
+``results.json``, ``params.npz`` and ``linear_vae_ppca.png``.
 
 Usage::
 
@@ -33,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -80,70 +67,6 @@ class Config:
     plots: bool = True
 
 
-def load(cfg: Config) -> np.ndarray:
-    """The digits as float64 in [0, 1] (pixel / 16)."""
-    from emvi.data import load_digits
-
-    x, _ = load_digits(np.float64)
-    x = x / 16.0
-    return x if cfg.num_points is None else x[: cfg.num_points]
-
-
-def _adam_runner(loss_fn, optimizer, chunk):
-    """A jitted ``(params, opt_state, key, start) -> (params, opt_state)`` running ``chunk``
-    optimizer steps (``emvi.optim.run_steps``; ``loss_fn(params, key) -> scalar`` with the
-    key folded with the global step)."""
-    import jax
-
-    from emvi.optim import run_steps
-
-    @jax.jit
-    def run(params, opt_state, key, start):
-        def loss(p, t):
-            return loss_fn(p, jax.random.fold_in(key, t))
-
-        params, opt_state, _ = run_steps(loss, optimizer, params, opt_state, chunk, step0=start)
-        return params, opt_state
-
-    return run
-
-
-def _lbfgs_runner(loss_fn, optimizer, chunk, grad_tol):
-    """A jitted ``(params, opt_state) -> (params, opt_state, steps, grad_norm)``: up to
-    ``chunk`` L-BFGS steps in a ``lax.while_loop``, stopping at ``grad_norm < grad_tol``."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
-
-    @jax.jit
-    def run(params, opt_state):
-        with jax.numpy_dtype_promotion("standard"):  # optax's L-BFGS mixes int32 and floats
-            return _run(params, opt_state)
-
-    def _run(params, opt_state):
-        def norm(s):
-            return optax.tree.norm(optax.tree.get(s, "grad"))
-
-        def cond(carry):
-            _, s, i = carry
-            return (i < chunk) & ((i == 0) | (norm(s) >= grad_tol))
-
-        def body(carry):
-            p, s, i = carry
-            value, grad = value_and_grad(p, state=s)
-            updates, s = optimizer.update(grad, s, p, value=value, grad=grad, value_fn=loss_fn)
-            return optax.apply_updates(p, updates), s, i + 1
-
-        params, opt_state, steps = jax.lax.while_loop(
-            cond, body, (params, opt_state, jnp.asarray(0))
-        )
-        return params, opt_state, steps, norm(opt_state)
-
-    return run
-
-
 def main(cfg: Config) -> dict:
     """Trains the linear VAE, compares it with pPCA, writes the run folder; returns results."""
     import jax
@@ -154,26 +77,27 @@ def main(cfg: Config) -> dict:
     import scipy.linalg
     from tqdm.auto import tqdm
 
-    from emvi import em, estep, grid, linear_vae, mstep, ppca
+    from emvi import em, estep, grid, linear_vae, mstep, optim, ppca
     from emvi import linear_gaussian as lg
+    from emvi.data import load_digits
 
     workdir = runs.prepare_workdir(cfg.workdir, overwrite=cfg.overwrite)
     runs.write_config(workdir, cfg)
-    x_np = load(cfg)
+    x_np = (load_digits(np.float64)[0] / 16.0)[: cfg.num_points]
     x = jnp.asarray(x_np)
     n, d = x.shape
-    l_ = cfg.latent_dim
     key_init, key_mc, key_em = jax.random.split(jax.random.key(cfg.seed), 3)
+    times = {}
 
     tic = time.perf_counter()
-    ml = ppca.closed_form_ml(x, l_)
+    ml = ppca.closed_form_ml(x, cfg.latent_dim)
     ml_ll = float(jnp.mean(ppca.log_prob(ml, x)))
-    closed_form_time = time.perf_counter() - tic
+    times["closed_form_time_s"] = time.perf_counter() - tic
+    w_ml = np.asarray(ml.loadings)
 
-    init = linear_vae.init_params(key_init, x, l_)
-    evaluate = jax.jit(
-        lambda p: (jnp.mean(linear_vae.elbo(p, x)), jnp.mean(linear_vae.log_prob(p, x)))
-    )
+    def angles(w):
+        return scipy.linalg.subspace_angles(np.asarray(w), w_ml)
+
     log = runs.MetricsLog(workdir)
     results: dict = {
         "data": f"sklearn digits / 16, first {n} of 1797"
@@ -181,15 +105,15 @@ def main(cfg: Config) -> dict:
         else "sklearn digits / 16",
         "num_points": n,
         "data_dim": d,
-        "latent_dim": l_,
+        "latent_dim": cfg.latent_dim,
         "encoder_covariance": cfg.encoder_covariance,
         "ppca_log_likelihood_per_example": ml_ll,
         "ppca_noise_variance": float(ml.noise_variance),
-        "closed_form_time_s": closed_form_time,
+        "closed_form_time_s": times["closed_form_time_s"],
     }
 
-    def record(phase, step, params, **extra):
-        e, ll = (float(v) for v in evaluate(params))
+    def record(phase, step, values, **extra):
+        e, ll = (float(v) for v in values)
         log.write(phase=phase, step=step, elbo=e, log_likelihood=ll, **extra)
         return e, ll
 
@@ -198,7 +122,7 @@ def main(cfg: Config) -> dict:
     model = lg.model("isotropic")
     batch = estep.make_batch(model, x)
     encoder = linear_vae.LinearEncoder(
-        l_,
+        cfg.latent_dim,
         diagonal=cfg.encoder_covariance == "diagonal",
         data_variance=float(jnp.mean(jnp.var(x, axis=0))),
         centre=tuple(float(v) for v in x_np.mean(axis=0)),
@@ -226,34 +150,24 @@ def main(cfg: Config) -> dict:
             model, theta, batch.data, batch.weights
         )
 
-    def record_cell(phase, step, vu, **extra):
-        e, ll = (float(v) for v in evaluate_cell(vu))
-        log.write(phase=phase, step=step, elbo=e, log_likelihood=ll, **extra)
-        return e, ll
-
     # Phase 1: Adam through the cell (emvi.grid.run_corner), cosine-decayed rate.
     total = cfg.adam_steps + cfg.lbfgs_steps + cfg.mc_steps
     bar = tqdm(total=total, desc="linear VAE", disable=not cfg.progress, mininterval=1.0)
+    init = linear_vae.init_params(key_init, x, cfg.latent_dim)
     theta0 = linear_vae.decoder(init)  # W ~ N(0, 0.01 v), mu = 0, sigma^2 = v
     tic = time.perf_counter()
     if cfg.adam_steps > 0:
         res = grid.run_corner(key_init, cell, model, x, params=theta0, num_iters=cfg.adam_steps)
-        state = res.state
-        hist = res.history
+        state, hist = res.state, res.history
         for step in range(0, cfg.adam_steps + 1, cfg.log_every):
-            log.write(
-                phase="adam",
-                step=step,
-                elbo=float(hist.elbo[step]),
-                log_likelihood=float(hist.log_likelihood[step]),
-            )
+            record("adam", step, (hist.elbo[step], hist.log_likelihood[step]))
         bar.update(cfg.adam_steps)
     else:
         state = jax.jit(cell.init)(key_init, theta0, batch)
     vu = (state.e.variables, m_piece.to_variables(state.m.params))
     if cfg.adam_steps % cfg.log_every:
-        record_cell("adam", cfg.adam_steps, vu)
-    adam_time = time.perf_counter() - tic
+        record("adam", cfg.adam_steps, evaluate_cell(vu))
+    times["adam_time_s"] = time.perf_counter() - tic
     adam_elbo = float(evaluate_cell(vu)[0])
 
     # Phase 2: L-BFGS on the same cell objective, from where Adam stopped.
@@ -262,25 +176,24 @@ def main(cfg: Config) -> dict:
     if cfg.lbfgs_steps > 0:
         lbfgs = optax.lbfgs()
         opt_state = lbfgs.init(vu)
-        run_lbfgs = _lbfgs_runner(
-            cell_loss, lbfgs, min(cfg.log_every, cfg.lbfgs_steps), cfg.lbfgs_grad_tol
-        )
+        chunk, tol = min(cfg.log_every, cfg.lbfgs_steps), cfg.lbfgs_grad_tol
+        run = jax.jit(lambda p, s: optim.run_lbfgs(cell_loss, lbfgs, p, s, chunk, grad_tol=tol))
         while lbfgs_steps < cfg.lbfgs_steps:
-            vu, opt_state, steps, gnorm = run_lbfgs(vu, opt_state)
+            vu, opt_state, steps, gnorm = run(vu, opt_state)
             steps, grad_norm = int(steps), float(gnorm)
             lbfgs_steps += steps
-            e, _ = record_cell("lbfgs", cfg.adam_steps + lbfgs_steps, vu, grad_norm=grad_norm)
+            step = cfg.adam_steps + lbfgs_steps
+            e, _ = record("lbfgs", step, evaluate_cell(vu), grad_norm=grad_norm)
             bar.update(steps)
             bar.set_postfix(elbo=f"{e:.6f}", gap=f"{ml_ll - e:.2e}", grad=f"{grad_norm:.1e}")
             if grad_norm < cfg.lbfgs_grad_tol or steps == 0:
                 break
-    lbfgs_time = time.perf_counter() - tic
+    times["lbfgs_time_s"] = time.perf_counter() - tic
     bar.update(cfg.lbfgs_steps - lbfgs_steps)
 
     elbo_pe, vae_ll = (float(v) for v in evaluate_cell(vu))
     theta = m_piece.from_variables(vu[1])
     w_vae = np.asarray(theta.loadings)
-    angles = scipy.linalg.subspace_angles(w_vae, np.asarray(ml.loadings))
     gram = w_vae.T @ w_vae
     off = gram - np.diag(np.diag(gram))
     results.update(
@@ -289,55 +202,58 @@ def main(cfg: Config) -> dict:
         elbo_gap_to_ppca=ml_ll - elbo_pe,
         log_likelihood_gap_to_ppca=ml_ll - vae_ll,
         vae_elbo_gap=vae_ll - elbo_pe,
-        max_principal_angle=float(np.max(angles)),
-        principal_angles=np.sort(angles)[::-1],
+        max_principal_angle=float(np.max(angles(w_vae))),
+        principal_angles=np.sort(angles(w_vae))[::-1],
         vae_noise_variance=float(theta.noise_variance),
         loadings_gram_offdiag_relative=float(np.linalg.norm(off) / np.linalg.norm(gram)),
         optimal_encoder_gap=float(linear_vae.diagonal_family_gap(theta)),
         adam_steps=cfg.adam_steps,
         adam_elbo_per_example=adam_elbo,
-        adam_time_s=adam_time,
+        adam_time_s=times["adam_time_s"],
         lbfgs_steps=lbfgs_steps,
         lbfgs_final_grad_norm=grad_norm,
-        lbfgs_time_s=lbfgs_time,
+        lbfgs_time_s=times["lbfgs_time_s"],
         optimizer=f"Adam({cfg.learning_rate}, cosine to 1%) x {cfg.adam_steps} through "
         "grid.Cell(amortized linear encoder, gradient M-step, Joint), then optax.lbfgs on "
         "the cell's objective",
     )
 
     # Phase 3 (optional): the same VAE on the reparameterised one-sample MC ELBO.
-    saved = {"w_vae": w_vae, "w_ml": np.asarray(ml.loadings)}
+    saved = {"w_vae": w_vae, "w_ml": w_ml}
+    evaluate = jax.jit(
+        lambda p: (jnp.mean(linear_vae.elbo(p, x)), jnp.mean(linear_vae.log_prob(p, x)))
+    )
     if cfg.mc_steps > 0:
         tic = time.perf_counter()
-        mc_chunk = max(1, min(cfg.log_every, cfg.mc_steps))
-        mc_schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.mc_steps, alpha=0.01)
-        mc_opt = optax.adam(mc_schedule)
+        chunk = max(1, min(cfg.log_every, cfg.mc_steps))
+        mc_opt = optax.adam(
+            optax.cosine_decay_schedule(cfg.learning_rate, cfg.mc_steps, alpha=0.01)
+        )
 
-        def mc_loss(p, k):
+        def mc_loss(p, t):
+            k = jax.random.fold_in(key_mc, t)
             return -jnp.mean(linear_vae.mc_elbo(k, p, x, num_samples=cfg.mc_samples))
 
-        run_mc = _adam_runner(mc_loss, mc_opt, mc_chunk)
+        run = jax.jit(lambda p, s, t0: optim.run_steps(mc_loss, mc_opt, p, s, chunk, step0=t0)[:2])
         mc_params, mc_state = init, mc_opt.init(init)
-        record("mc_adam", 0, mc_params)
+        record("mc_adam", 0, evaluate(mc_params))
         step = 0
         while step < cfg.mc_steps:
-            mc_params, mc_state = run_mc(mc_params, mc_state, key_mc, step)
-            step += mc_chunk
-            e, _ = record("mc_adam", step, mc_params)
-            bar.update(mc_chunk)
+            mc_params, mc_state = run(mc_params, mc_state, step)
+            step += chunk
+            e, _ = record("mc_adam", step, evaluate(mc_params))
+            bar.update(chunk)
             bar.set_postfix(mc_elbo=f"{e:.4f}", gap=f"{ml_ll - e:.2e}")
         mc_elbo, mc_ll = (float(v) for v in evaluate(mc_params))
-        mc_angles = scipy.linalg.subspace_angles(
-            np.asarray(mc_params.loadings), np.asarray(ml.loadings)
-        )
+        times["mc"] = time.perf_counter() - tic
         results["mc_elbo_run"] = {
             "steps": cfg.mc_steps,
             "samples_per_example": cfg.mc_samples,
             "elbo_per_example": mc_elbo,
             "vae_log_likelihood_per_example": mc_ll,
             "elbo_gap_to_ppca": ml_ll - mc_elbo,
-            "max_principal_angle": float(np.max(mc_angles)),
-            "time_s": time.perf_counter() - tic,
+            "max_principal_angle": float(np.max(angles(mc_params.loadings))),
+            "time_s": times["mc"],
             "note": "ELBO and log p(x) evaluated in closed form at the MC-trained params",
         }
         saved["w_mc"] = np.asarray(mc_params.loadings)
@@ -346,82 +262,59 @@ def main(cfg: Config) -> dict:
     # Phase 4 (optional): pPCA by EM, the exact-posterior corner of the same ELBO.
     if cfg.em_iters > 0:
         tic = time.perf_counter()
-        em_fit = ppca.fit(key_em, x, l_, max_iter=cfg.em_iters, tol=1e-10)
+        em_fit = ppca.fit(key_em, x, cfg.latent_dim, max_iter=cfg.em_iters, tol=1e-10)
         em_ll = float(em_fit.log_likelihood)
-        em_angles = scipy.linalg.subspace_angles(
-            np.asarray(em_fit.params.loadings), np.asarray(ml.loadings)
-        )
+        times["em"] = time.perf_counter() - tic
         results["ppca_em"] = {
             "log_likelihood_per_example": em_ll,
             "gap_to_closed_form": ml_ll - em_ll,
             "iterations": int(em_fit.num_iter),
             "converged": bool(em_fit.converged),
-            "max_principal_angle": float(np.max(em_angles)),
-            "time_s": time.perf_counter() - tic,
+            "max_principal_angle": float(np.max(angles(em_fit.params.loadings))),
+            "time_s": times["em"],
         }
     log.close()
     np.savez(workdir / "params.npz", **saved)
-    results["total_time_s"] = (
-        sum(results.get(k, 0.0) for k in ("closed_form_time_s", "adam_time_s", "lbfgs_time_s"))
-        + results.get("mc_elbo_run", {}).get("time_s", 0.0)
-        + results.get("ppca_em", {}).get("time_s", 0.0)
-    )
+    results["total_time_s"] = sum(times.values())
     runs.write_json(workdir / "results.json", results)
     if cfg.plots:
         plot(workdir)
     return runs.to_jsonable(results)
 
 
-def plot(workdir) -> Path:
+def plot(workdir) -> list[Path]:
     """Draws ``linear_vae_ppca.png`` from ``metrics.jsonl`` and ``results.json``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     workdir = Path(workdir)
     rows = runs.read_metrics(workdir)
     res = json.loads((workdir / "results.json").read_text())
     ml = res["ppca_log_likelihood_per_example"]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"adam": "C0", "lbfgs": "C1", "mc_adam": "C2"}
-    for phase, colour in styles.items():
+    fig, (ax0, ax1) = plotting.pyplot().subplots(1, 2, figsize=(11, 4))
+    names = {"adam": "Adam", "lbfgs": "L-BFGS", "mc_adam": "Adam, MC ELBO"}
+    for i, (phase, name) in enumerate(names.items()):
         r = [row for row in rows if row["phase"] == phase]
         if not r:
             continue
         steps = np.array([row["step"] for row in r])
-        e = np.array([row["elbo"] for row in r])
-        ll = np.array([row["log_likelihood"] for row in r])
-        name = {"adam": "Adam", "lbfgs": "L-BFGS", "mc_adam": "Adam, MC ELBO"}[phase]
-        ax0.plot(steps, e, "-", color=colour, label=f"ELBO ({name})")
-        ax0.plot(steps, ll, "--", color=colour, label=f"log p(x) ({name})")
-        ax1.semilogy(steps, np.maximum(ml - e, 1e-12), "-", color=colour, label=f"ELBO ({name})")
-        ax1.semilogy(
-            steps, np.maximum(ml - ll, 1e-12), "--", color=colour, label=f"log p(x) ({name})"
-        )
+        for key, style, what in (("elbo", "-", "ELBO"), ("log_likelihood", "--", "log p(x)")):
+            values = np.array([row[key] for row in r])
+            label = f"{what} ({name})"
+            ax0.plot(steps, values, style, color=f"C{i}", label=label)
+            ax1.semilogy(steps, np.maximum(ml - values, 1e-12), style, color=f"C{i}", label=label)
     ax0.axhline(ml, color="k", lw=1, label="pPCA maximum (closed form)")
     ax0.set_ylim(ml - 2.0, ml + 0.2)
-    ax0.set_xlabel("optimizer step")
-    ax0.set_ylabel("nats per example")
+    ax0.set(xlabel="optimizer step", ylabel="nats per example")
     ax0.set_title(f"Linear-Gaussian VAE on digits (l={res['latent_dim']})")
     ax0.legend(fontsize=7, loc="lower right")
     ax1.axhline(1e-3, color="grey", lw=0.8, ls=":", label="1e-3 nats")
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("pPCA maximum minus value (nats per example)")
+    ax1.set(xlabel="optimizer step", ylabel="pPCA maximum minus value (nats per example)")
     ax1.set_title(
         f"gap at the end: ELBO {res['elbo_gap_to_ppca']:.1e}, "
         f"angle {res['max_principal_angle']:.1e} rad",
         fontsize=9,
     )
     ax1.legend(fontsize=7)
-    return plotting.save(fig, workdir / FIGURE)
+    return [plotting.save(fig, workdir / FIGURE)]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "plot":
-        print(plot(sys.argv[2]))
-    else:
-        import tyro
-
-        out = main(tyro.cli(Config))
-        print(json.dumps({k: v for k, v in out.items() if k != "principal_angles"}, indent=2))
+    runs.cli(Config, main, plot)
