@@ -209,16 +209,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if all(g is None for g in given):
             return _SK_INITS[self.init_params], _check_positive_int(self.n_init, "n_init")
         d = x.shape[1]
-        base = gmm.init_params(
-            key,
-            jnp.asarray(x),
-            k,
-            covariance_type=ct,
-            method=_SK_INITS[self.init_params],
-            reg_covar=self.reg_covar,
-        )
-        weights, means, cov = (np.asarray(a, np.float64) for a in base)
         cov_shape = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+        # The user's arrays are checked first; the init runs only for what they leave out.
+        weights = means = cov = None
         if self.weights_init is not None:
             weights = np.asarray(self.weights_init, np.float64)
             if weights.shape != (k,) or np.any(weights < 0) or not np.isclose(weights.sum(), 1):
@@ -237,11 +230,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     f"{ct!r}; got {prec.shape}."
                 )
             cov = _precisions_to_covariances(prec, ct)
-        elif self.means_init is not None:
-            # scikit-learn re-estimates the covariances around the given means, from the
-            # initial responsibilities; here the init's own covariances are kept (the means
-            # are what the user fixed), which is also a valid start.
-            pass
+        # Without precisions_init, scikit-learn re-estimates the covariances around the given
+        # means from the initial responsibilities; here the init's own covariances are kept
+        # (the means are what the user fixed), which is also a valid start.
+        if weights is None or means is None or cov is None:
+            base = gmm.init_params(
+                key,
+                jnp.asarray(x),
+                k,
+                covariance_type=ct,
+                method=_SK_INITS[self.init_params],
+                reg_covar=self.reg_covar,
+            )
+            weights, means, cov = (
+                np.asarray(b, np.float64) if g is None else g
+                for g, b in zip((weights, means, cov), base, strict=True)
+            )
         return gmm.GMMParams(
             jnp.asarray(weights, dtype), jnp.asarray(means, dtype), jnp.asarray(cov, dtype)
         ), 1
