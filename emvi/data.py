@@ -109,15 +109,28 @@ def read_idx(path) -> np.ndarray:
     dimensions, then one big-endian uint32 per dimension, then the data.
 
     Raises:
-      ValueError: on a bad magic number, a truncated file or trailing bytes.
+      ValueError: on a bad magic number, a truncated file or trailing bytes, a truncated
+        or corrupt gzip stream, or a file that cannot be read.
     """
     import gzip
+    import zlib
     from pathlib import Path
 
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read: {err.strerror or err}.") from err
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as err:
+            # gzip raises EOFError for a truncated stream, BadGzipFile (an OSError) for a
+            # bad header and zlib.error or a CRC/length OSError for damaged data.
+            raise ValueError(
+                f"{path} is a truncated or corrupt gzip file ({type(err).__name__}: {err}); "
+                "download it again."
+            ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty)'}"
@@ -167,7 +180,10 @@ def load_mnist(path, *, binarize: bool = False, threshold: float = 0.5, dtype=np
       ``Split(train_x, train_y, test_x, test_y)``; integer pixels are divided by 255.
 
     Raises:
-      ValueError: if files are missing, not IDX/npz, or inconsistent.
+      ValueError: if files are missing, unreadable, truncated or corrupt (gzip
+        included), not IDX/npz, or inconsistent; if a pixel is NaN, negative or above 255
+        (above 1 for float images already in [0, 1] is read as 0..255); if a label is
+        NaN, not a whole number, or negative.
     """
     from pathlib import Path
 
@@ -208,18 +224,47 @@ def load_mnist(path, *, binarize: bool = False, threshold: float = 0.5, dtype=np
             raise ValueError(f"MNIST {name} must have shape (n, ...); got {x.shape}.")
         if x.shape[0] == 0:
             raise ValueError(f"MNIST {name} is empty.")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(
+            x.dtype, np.complexfloating
+        ):
+            raise ValueError(f"MNIST {name} must be real numbers; got dtype {x.dtype}.")
         flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        bad = ~np.isfinite(flat) | (flat < 0) | (flat > 255)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise ValueError(
+                f"MNIST {name} hold {int(bad.sum())} pixel(s) that are NaN, inf, negative or "
+                f"above 255 (in image(s) {', '.join(map(str, rows[:5]))}"
+                f"{' ...' if rows.size > 5 else ''}); pixels must lie in [0, 255] "
+                "(or [0, 1])."
+            )
         if np.issubdtype(x.dtype, np.integer) or flat.max() > 1.0:
             flat = flat / 255.0
         if binarize:
             flat = (flat > threshold).astype(np.float64)
         return flat.astype(dtype)
 
+    def labels(y, name):
+        y = np.asarray(y).reshape(-1)
+        if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_) or np.issubdtype(
+            y.dtype, np.complexfloating
+        ):
+            raise ValueError(f"MNIST {name} must be integers; got dtype {y.dtype}.")
+        values = y.astype(np.float64)
+        bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+        if bad.any():
+            shown = ", ".join(map(str, np.nonzero(bad)[0][:5]))
+            raise ValueError(
+                f"MNIST {name} hold {int(bad.sum())} value(s) that are NaN, negative or not "
+                f"whole numbers (at {shown}); labels are class numbers 0, 1, ..."
+            )
+        return y.astype(np.int32)
+
     split = Split(
         images(arrays["train_x"], "train images"),
-        np.asarray(arrays["train_y"]).astype(np.int32).reshape(-1),
+        labels(arrays["train_y"], "train labels"),
         images(arrays["test_x"], "test images"),
-        np.asarray(arrays["test_y"]).astype(np.int32).reshape(-1),
+        labels(arrays["test_y"], "test labels"),
     )
     if split.train_x.shape[0] != split.train_y.shape[0]:
         raise ValueError(

@@ -42,11 +42,33 @@ from collections.abc import Callable
 import distrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Key, Shaped
 
+from emvi import _checks
 from emvi._checks import check_positive_int
+
+# ---------------------------------------------------------------------------------------
+# Argument checks: shapes and dtypes always, values only for concrete (untraced) arrays
+# ---------------------------------------------------------------------------------------
+
+
+def _gaussian_args(mean, scale, *, names=("mean", "scale"), ndim=None, log_scale=False):
+    """Checks a diagonal Gaussian's (mean, scale): float dtype, at least one axis (or
+    exactly ``ndim``), equal shapes, finite values and, unless ``log_scale``, scale > 0."""
+    mean = _checks.as_array(mean, name=names[0], ndim=ndim, min_ndim=1)
+    scale = _checks.as_array(scale, name=names[1], ndim=ndim, min_ndim=1)
+    _checks.check_same_shape((mean, names[0]), (scale, names[1]))
+    if not log_scale:
+        _checks.check_positive_array(scale, name=names[1], what=" (standard deviations)")
+    return mean, scale
+
+
+def _check_samples(num_samples, *, allow_none: bool = False):
+    if num_samples is None and allow_none:
+        return None
+    return check_positive_int(num_samples, name="num_samples")
+
 
 # ---------------------------------------------------------------------------------------
 # Finite latents
@@ -123,6 +145,7 @@ def std_normal_log_prob(z: Float[Array, "*batch l"]) -> Float[Array, "*batch"]:
       >>> float(std_normal_log_prob(jnp.zeros(2)))  # -log(2 pi)
       -1.837...
     """
+    z = _checks.as_array(z, name="z", min_ndim=1)
     return jnp.sum(-0.5 * jnp.square(z) - _HALF_LOG_2PI, axis=-1)
 
 
@@ -168,6 +191,9 @@ def gaussian_kl(
       >>> float(gaussian_kl(m, s, jnp.zeros(1), jnp.ones(1)))  # 0.5 (1 + 4 - 1 - 2 log 2)
       1.306...
     """
+    mean_q, scale_q = _gaussian_args(mean_q, scale_q, names=("mean_q", "scale_q"))
+    mean_p, scale_p = _gaussian_args(mean_p, scale_p, names=("mean_p", "scale_p"))
+    _checks.check_same_shape((mean_q, "mean_q"), (mean_p, "mean_p"))
     log_ratio = jnp.log(scale_q) - jnp.log(scale_p)
     delta = (mean_q - mean_p) / scale_p
     return jnp.sum(_gaussian_kl_terms(delta, log_ratio), axis=-1)
@@ -188,7 +214,12 @@ def standard_normal_kl(
 
     Returns:
       The KL divergence, shape (...). Equals ``gaussian_kl(mean, scale, 0, 1)``.
+
+    Raises:
+      ValueError: for shapes that differ, non-finite values or a scale that is not > 0
+        (values are checked only outside ``jit``).
     """
+    mean, scale = _gaussian_args(mean, scale)
     return jnp.sum(_gaussian_kl_terms(mean, jnp.log(scale)), axis=-1)
 
 
@@ -220,6 +251,13 @@ def reparameterize(
     Returns:
       ``(z, eps)``, both of shape (S, n, l), or (n, l) for ``num_samples=None``.
     """
+    key = _checks.as_key(key)
+    mean, scale = _gaussian_args(mean, scale, ndim=2)
+    num_samples = _check_samples(num_samples, allow_none=True)
+    return _reparameterize(key, mean, scale, num_samples)
+
+
+def _reparameterize(key, mean, scale, num_samples):
     if num_samples is None:
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         return mean + scale * eps, eps
@@ -271,7 +309,12 @@ def gaussian_mc_elbo(
       ...                                    num_samples=4), 0.0, atol=1e-6))
       True
     """
-    z, eps = reparameterize(key, mean, jnp.exp(log_scale), num_samples)
+    key = _checks.as_key(key)
+    mean, log_scale = _gaussian_args(
+        mean, log_scale, names=("mean", "log_scale"), ndim=2, log_scale=True
+    )
+    num_samples = _check_samples(num_samples)
+    z, eps = _reparameterize(key, mean, jnp.exp(log_scale), num_samples)
     return jnp.mean(log_joint_fn(z) - _log_q_at_draws(eps, log_scale), axis=0)
 
 
@@ -311,7 +354,10 @@ def gaussian_elbo_terms(
     Returns:
       ``(recon, kl)``, each of shape (n,).
     """
-    z, eps = reparameterize(key, mean, scale, num_samples)
+    key = _checks.as_key(key)
+    mean, scale = _gaussian_args(mean, scale, ndim=2)
+    num_samples = _check_samples(num_samples)
+    z, eps = _reparameterize(key, mean, scale, num_samples)
     recon = jnp.mean(log_likelihood_fn(z), axis=0)
     if analytic_kl:
         kl = standard_normal_kl(mean, scale)
@@ -340,6 +386,17 @@ def _check_fn_output(values: Array, expected: tuple[int, ...], name: str) -> Non
 
 
 def _check_posterior(posterior: distrax.Distribution) -> tuple[int, ...]:
+    if not isinstance(posterior, distrax.Distribution):
+        raise ValueError(
+            "posterior must be a distrax distribution (e.g. distrax.MultivariateNormalDiag("
+            f"mean, scale)); got {type(posterior).__name__}."
+        )
+    for name in ("loc", "scale_diag"):
+        value = getattr(posterior, name, None)
+        if value is not None and hasattr(value, "dtype"):
+            _checks.as_array(value, name=f"posterior.{name}", min_ndim=1)
+            if name == "scale_diag":
+                _checks.check_positive_array(value, name="posterior.scale_diag")
     batch_shape = tuple(posterior.batch_shape)
     if len(batch_shape) != 1 or len(tuple(posterior.event_shape)) != 1:
         raise ValueError(
@@ -404,6 +461,7 @@ def mc_elbo(
       >>> mc_elbo(jax.random.key(0), q, loglik, p, num_samples=4).shape
       (3,)
     """
+    key = _checks.as_key(key)
     num_samples = check_positive_int(num_samples, name="num_samples")
     batch_shape = _check_posterior(posterior)
     with _distrax_context():
@@ -525,6 +583,7 @@ def iwae_bound(
       >>> bool(jnp.allclose(bound, 0.0, atol=1e-5))  # q is the posterior and log p(x) = 0
       True
     """
+    key = _checks.as_key(key)
     num_samples = check_positive_int(num_samples, name="num_samples")
     if chunk_size is None:
         chunk_size = num_samples
@@ -620,13 +679,13 @@ def estimate_log_likelihood(
       ValueError: for ``num_samples``, ``sample_chunk`` or ``data_chunk`` below 1, empty
         or non-finite ``x``.
     """
+    key = _checks.as_key(key)
     num_samples = check_positive_int(num_samples, name="num_samples")
     sample_chunk = check_positive_int(sample_chunk, name="sample_chunk")
     data_chunk = check_positive_int(data_chunk, name="data_chunk")
-    if x.ndim < 1 or x.shape[0] < 1:
+    x = _checks.as_array(x, name="x", min_ndim=1)
+    if x.shape[0] < 1:
         raise ValueError(f"x must have at least one row (shape (n, ...)); got shape {x.shape}.")
-    if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        raise ValueError("x contains NaN or inf; remove or impute those points first.")
     return _estimate_log_likelihood(
         key,
         x,

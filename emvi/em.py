@@ -36,6 +36,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from emvi import _checks
+
 PyTree = Any
 
 
@@ -280,7 +282,25 @@ def run_em(
 
     Returns:
       An :class:`EMResult`.
+
+    Raises:
+      ValueError: for ``max_iter`` not an integer >= 1, ``chunk_size`` not None or an
+        integer >= 1, and (when the arguments are concrete, not traced) a negative ``tol``,
+        non-finite data, weights of the wrong shape, negative, non-finite or all zero, or
+        ``params`` that do not fit the data (see :func:`fit`).
     """
+    _validate(
+        model,
+        params,
+        data,
+        weights,
+        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        chunk_size=chunk_size,
+        prepared=True,
+        lead_axes=0,
+    )
     n = _leading_dim(data)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     if weights is None:
@@ -304,6 +324,158 @@ def run_em(
     return EMResult(state.params, final_ll, history, state.iteration, state.converged)
 
 
+# ---------------------------------------------------------------------------------------
+# Eager validation of the driver's inputs (static checks always; values only when concrete)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_settings(*, max_iter, tol, chunk_size, name_iter: str = "max_iter") -> None:
+    """Loop settings. ``max_iter`` and ``chunk_size`` are static, so checked even under jit."""
+    _checks.check_positive_int(max_iter, name=name_iter)
+    if _checks.is_concrete(tol) and jnp.ndim(tol) == 0:
+        _checks.check_nonnegative(tol, name="tol")
+    if chunk_size is not None:
+        _checks.check_positive_int(chunk_size, name="chunk_size")
+
+
+def _check_data(x: PyTree, *, allow_missing: bool, name: str = "x") -> int:
+    """Every leaf of ``x`` has a leading data axis; floating leaves follow the dtype rule
+    and, when concrete, are finite (NaN allowed with ``allow_missing``). Returns ``n``."""
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        raise ValueError(f"{name} is empty (a pytree without arrays).")
+    for leaf in leaves:
+        shape, dtype = tuple(jnp.shape(leaf)), np.dtype(jnp.result_type(leaf))
+        if len(shape) < 1 or shape[0] < 1:
+            raise ValueError(
+                f"{name} needs a leading axis of at least one data point; got shape {shape}."
+            )
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            continue  # counts, categories, sequence lengths
+        _checks.float_dtype(dtype, name=name)
+        if _checks.is_concrete(leaf):
+            values = np.asarray(leaf)
+            bad = np.isinf(values) if allow_missing else ~np.isfinite(values)
+            if bad.any():
+                hint = (
+                    ""
+                    if allow_missing
+                    else " (a model that marginalises missing entries passes allow_missing=True)"
+                )
+                raise ValueError(
+                    f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf); "
+                    f"remove or impute them first{hint}."
+                )
+    return _leading_dim(x)
+
+
+def _check_weights(weights, shape: tuple[int, ...], name: str = "weights") -> None:
+    """Shape always; finite, >= 0 and not all zero (per data set) when concrete."""
+    if weights is None:
+        return
+    if tuple(jnp.shape(weights)) != shape:
+        raise ValueError(
+            f"{name} must have shape {shape} to match the data; got {tuple(jnp.shape(weights))}."
+        )
+    if _checks.is_concrete(weights):
+        for row in np.asarray(weights).reshape(-1, shape[-1]):
+            _checks.check_sample_weight(row, shape[-1], name=name)
+
+
+def _one_iteration(params, x, weights, hyper, *, model, prepared):
+    data = x if prepared else model.prepare_data(x)
+    if weights is None:
+        weights = jnp.ones(_leading_dim(data), jax.tree_util.tree_leaves(params)[0].dtype)
+    stats, _ = model.e_step(params, data, weights)
+    return model.m_step(stats, hyper)
+
+
+# Only ever traced (``.eval_shape``), never run: jit's cache makes a repeated check free.
+_one_iteration_jit = jax.jit(_one_iteration, static_argnames=("model", "prepared"))
+
+
+def _check_params_fit(model, params, x, weights, hyper, *, prepared: bool) -> None:
+    """One *abstract* EM iteration (nothing is computed): the M-step must return params of
+    the structure, shapes and dtypes it was given, which the loop needs. Params made for
+    data with other columns fail here (as a mismatch, or as an error of the E-step)."""
+    try:
+        out = _one_iteration_jit.eval_shape(
+            params, x, weights, hyper, model=model, prepared=prepared
+        )
+    except (TypeError, ValueError, IndexError, AssertionError) as err:
+        raise ValueError(
+            "params do not fit the data: the model's E-step or M-step fails on them "
+            f"({type(err).__name__}: {str(err)[:300]}). Are params from this model's "
+            "init_params, for data with these columns?"
+        ) from err
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(params):
+        raise ValueError(
+            "params do not fit the model: its M-step returns the structure "
+            f"{jax.tree_util.tree_structure(out)}, but params has "
+            f"{jax.tree_util.tree_structure(params)}."
+        )
+    new_leaves = jax.tree_util.tree_flatten_with_path(out)[0]
+    for (path, new), old in zip(new_leaves, jax.tree_util.tree_leaves(params), strict=True):
+        old_shape, old_dtype = tuple(jnp.shape(old)), jnp.result_type(old)
+        if tuple(new.shape) != old_shape or new.dtype != old_dtype:
+            raise ValueError(
+                f"params do not fit the data: params{jax.tree_util.keystr(path)} has shape "
+                f"{old_shape} ({old_dtype}), but one EM iteration on this data makes it "
+                f"{tuple(new.shape)} ({new.dtype}). Are params from this model's "
+                "init_params, for data with these columns and this dtype?"
+            )
+
+
+def _leading_axes(params: PyTree, axes: int) -> tuple[int, ...]:
+    """The leading (data set, restart) axes every leaf of ``params`` must share."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params is empty (a pytree without arrays).")
+    leads = {tuple(jnp.shape(leaf))[:axes] for leaf in leaves}
+    lead = next(iter(leads))
+    if len(leads) != 1 or len(lead) != axes or 0 in lead:
+        what = "a leading restart axis r >= 1" if axes == 1 else "leading axes (b, r)"
+        raise ValueError(
+            f"params must have {what} shared by every leaf (a stack of initialisations); "
+            f"got leaf shapes {[tuple(jnp.shape(leaf)) for leaf in leaves]}."
+        )
+    return lead
+
+
+def _validate(
+    model: ExactModel,
+    params: PyTree,
+    x: PyTree,
+    weights,
+    hyper,
+    *,
+    max_iter,
+    tol,
+    chunk_size,
+    prepared: bool,
+    lead_axes: int,
+    allow_missing: bool = False,
+    name_iter: str = "max_iter",
+) -> None:
+    """The checks of every public driver: ``lead_axes`` is 0 for one initialisation, 1 for
+    a restart axis (``fit``), 2 for (data set, restart) axes (``fit_many``, whose data and
+    weights carry the data-set axis too)."""
+    if not isinstance(model, ExactModel):
+        raise ValueError(f"model must be an emvi.em.ExactModel; got {type(model).__name__}.")
+    _check_settings(max_iter=max_iter, tol=tol, chunk_size=chunk_size, name_iter=name_iter)
+    lead = _leading_axes(params, lead_axes) if lead_axes else ()
+    one_x = x if lead_axes < 2 else jax.tree_util.tree_map(lambda leaf: leaf[0], x)
+    n = _check_data(one_x, allow_missing=allow_missing)
+    _check_weights(weights, (lead[0], n) if lead_axes == 2 else (n,))
+    if not _checks.is_concrete((params, x, weights, hyper)):
+        return
+    one = params
+    for _ in range(lead_axes):
+        one = jax.tree_util.tree_map(lambda leaf: leaf[0], one)
+    one_w = weights[0] if (weights is not None and lead_axes == 2) else weights
+    _check_params_fit(model, one, one_x, one_w, hyper, prepared=prepared)
+
+
 def select_best(results: EMResult) -> tuple[EMResult, Int[Array, ""]]:
     """Picks the restart with the highest final log-likelihood (NaN counts as -inf)."""
     ll = jnp.where(jnp.isnan(results.log_likelihood), -jnp.inf, results.log_likelihood)
@@ -323,7 +495,19 @@ def run_em_restarts(
     chunk_size: int | None = None,
 ) -> tuple[EMResult, EMResult]:
     """Runs a batch of initialisations (leading axis ``r`` of ``params``) as one vmapped
-    program and returns ``(best, all_results)``."""
+    program and returns ``(best, all_results)``; checked as :func:`run_em`."""
+    _validate(
+        model,
+        params,
+        data,
+        weights,
+        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        chunk_size=chunk_size,
+        prepared=True,
+        lead_axes=1,
+    )
     batched = jax.vmap(
         lambda p: run_em(
             model,
@@ -404,6 +588,7 @@ def fit(
     tol: float | Array = 1e-3,
     hyper: PyTree = None,
     chunk_size: int | None = None,
+    allow_missing: bool = False,
 ) -> FitResult:
     """The one fit driver: ``prepare`` the data, run every restart as one vmapped program, keep
     the best.
@@ -412,8 +597,8 @@ def fit(
     with a leading restart axis ``r``, from its ``init_params``) and calls this. The restarts
     run to convergence on device (:func:`run_em`, a ``lax.while_loop``); the kept one has the
     highest final log-likelihood, or, when the model has a ``log_prior``, the highest log
-    posterior (the objective MAP-EM climbs). Nothing here is validated: the model's ``fit``
-    does that.
+    posterior (the objective MAP-EM climbs). The model's ``fit`` validates what is
+    specific to it; this checks what every model shares (below).
 
     Args:
       model: the model's pure functions (static).
@@ -424,10 +609,35 @@ def fit(
       tol: stop a restart when its mean log-likelihood changes by less than this.
       hyper: array-valued hyperparameters for ``m_step`` and ``log_prior``.
       chunk_size: run the E-step over chunks of this many examples (static).
+      allow_missing: let NaN entries of ``x`` through, for a model whose E-step
+        marginalises missing entries; otherwise NaN in ``x`` is an error.
 
     Returns:
       A :class:`FitResult`.
+
+    Raises:
+      ValueError: for ``max_iter`` not an integer >= 1, ``tol`` not a number >= 0,
+        ``chunk_size`` not None or an integer >= 1, ``params`` without one shared leading
+        restart axis, a leaf of ``x`` without a leading data axis, complex or
+        half-precision data, NaN or inf in ``x``, ``weights`` of the wrong shape, negative,
+        non-finite or all zero, and ``params`` that do not fit the data: one abstract EM
+        iteration (``jax.eval_shape``, nothing is computed) must give back params of the
+        shapes and dtypes it was given. Traced arguments (under ``jit``) are checked for
+        shapes only.
     """
+    _validate(
+        model,
+        params,
+        x,
+        weights,
+        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        chunk_size=chunk_size,
+        prepared=False,
+        lead_axes=1,
+        allow_missing=allow_missing,
+    )
     return _fit_jit(model, params, x, weights, tol, hyper, max_iter=max_iter, chunk_size=chunk_size)
 
 
@@ -450,14 +660,29 @@ def fit_many(
     tol: float | Array = 1e-3,
     hyper: PyTree = None,
     chunk_size: int | None = None,
+    allow_missing: bool = False,
 ) -> FitResult:
     """Many independent data sets (leading axis ``b``) fitted in one vmapped program.
 
     ``params`` has leading axes ``(b, r)`` (data set, restart) and ``xs`` leading axes
     ``(b, n)``; every data set has the same ``n`` (give padding rows weight 0). The result
     is a :class:`FitResult` whose leaves have a leading axis ``b``, each entry what
-    :func:`fit` returns for that data set.
+    :func:`fit` returns for that data set. Checked as :func:`fit` (on the first data set
+    for the abstract iteration; every weight row is checked).
     """
+    _validate(
+        model,
+        params,
+        xs,
+        weights,
+        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        chunk_size=chunk_size,
+        prepared=False,
+        lead_axes=2,
+        allow_missing=allow_missing,
+    )
     if weights is None:
         lead = jax.tree_util.tree_leaves(xs)[0]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
@@ -526,7 +751,22 @@ def em_trace(
     behind the other (issue 13; ``--xla_cpu_use_thunk_runtime`` is ignored by this jaxlib).
     The one jitted iteration has every LAPACK call ordered by data dependence
     (tests/test_hang_regression.py checks it).
+
+    Checked as :func:`run_em`, with ``num_iter`` an integer >= 1.
     """
+    _validate(
+        model,
+        params,
+        data,
+        weights,
+        hyper,
+        max_iter=num_iter,
+        tol=0.0,
+        chunk_size=None,
+        prepared=True,
+        lead_axes=0,
+        name_iter="num_iter",
+    )
     n = _leading_dim(data)
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     if weights is None:
@@ -551,12 +791,26 @@ def fit_em(
     tol: float = 1e-3,
     hyper: PyTree = None,
     chunk_size: int | None = None,
+    allow_missing: bool = False,
 ) -> EMResult:
     """Convenience wrapper: ``prepare`` the data, then jit and run :func:`run_em`.
 
     A batch of initialisations (``params`` with a leading restart axis) is not handled
-    here; use :func:`run_em_restarts`.
+    here; use :func:`run_em_restarts`. Checked as :func:`fit` (without the restart axis).
     """
+    _validate(
+        model,
+        params,
+        x,
+        weights,
+        hyper,
+        max_iter=max_iter,
+        tol=tol,
+        chunk_size=chunk_size,
+        prepared=False,
+        lead_axes=0,
+        allow_missing=allow_missing,
+    )
     data = model.prepare(x) if model.prepare is not None else x
     return _run_em_jit(
         model,

@@ -354,5 +354,6 @@ def ascend_from(
     key: Key[Array, ""], local_step: EStep, q: PyTree, params: PyTree, batch: Batch
 ) -> tuple[PyTree, EStepInfo]:
     """Runs ``local_step`` once from a given q (an encoder's, say) and returns its new q."""
+    key = _checks.as_key(key)
     state, info = local_step.step(key, local_step.start(q), params, batch)
     return state.q, info

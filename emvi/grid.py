@@ -309,6 +309,7 @@ def run_corner(
       ValueError: for a ``cell`` that is not a :class:`Cell`, ``num_iters < 1`` or data
         that is not a finite 2-D array.
     """
+    key = _checks.as_key(key)
     if not isinstance(cell, Cell):
         raise ValueError(f"cell must be a grid.Cell; got {type(cell).__name__}.")
     arr = _checks.as_data_matrix(x)
@@ -378,6 +379,7 @@ def run_cell(
     Returns:
       ``(final_state, trace)``.
     """
+    key = _checks.as_key(key)
     wsum = jnp.sum(batch.weights)
 
     def record(state):
@@ -463,6 +465,7 @@ def gap_decomposition(
     Raises:
       ValueError: when ``local_step`` cannot start from a given q, or for bad data.
     """
+    key = _checks.as_key(key)
     if local_step.start is None:
         raise ValueError("local_step must start from a given q: pass an estep.local(...).")
     arr = _checks.as_data_matrix(x)

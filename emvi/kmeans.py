@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
+from emvi import _checks
 from emvi._checks import (
     as_data_matrix,
     check_nonnegative,
@@ -152,6 +153,7 @@ def kmeans_plusplus(
       >>> c.shape
       (2, 3)
     """
+    key = _checks.as_key(key)
     x_np = as_data_matrix(x)
     k = check_positive_int(k, name="k")
     if k > x_np.shape[0]:
@@ -280,6 +282,7 @@ def kmeans(
       >>> sorted(round(float(c), 2) for c in res.centers[:, 0])
       [0.05, 5.05]
     """
+    key = _checks.as_key(key)
     x_np = as_data_matrix(x)
     n, d = x_np.shape
     k = check_positive_int(k, name="k")

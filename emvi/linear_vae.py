@@ -149,6 +149,7 @@ def mc_elbo(
     Returns:
       Shape (n,).
     """
+    key = _checks.as_key(key)
     m, _ = encode(params, x)
     log_s = jnp.broadcast_to(params.encoder_log_scale, m.shape)
     dec = decoder(params)
@@ -234,6 +235,7 @@ def init_params(
     Returns:
       :class:`LinearVAEParams` in the dtype of x.
     """
+    key = _checks.as_key(key)
     latent_dim = _checks.check_positive_int(latent_dim, name="latent_dim")
     k_w, k_v = jax.random.split(key)
     d = x.shape[1]

@@ -21,18 +21,27 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Key
 
+from emvi import _checks
 from emvi._checks import check_nonnegative
 from emvi.elbo import standard_normal_kl
 
 
-def _check_means_scales(means: Array, scales: Array) -> None:
+def _check_means(means) -> Array:
+    return _checks.as_array(means, name="means", ndim=2)
+
+
+def _check_means_scales(means, scales) -> tuple[Array, Array]:
+    """Shapes and dtypes always; finite values and scales > 0 when concrete."""
+    means = _check_means(means)
+    scales = _checks.as_array(scales, name="scales", ndim=2)
     if means.shape != scales.shape:
         raise ValueError(
             f"means and scales must have the same shape (n, l); got {means.shape} and "
             f"{scales.shape}."
         )
-    if not isinstance(scales, jax.core.Tracer) and not bool(np.all(np.asarray(scales) > 0)):
+    if _checks.is_concrete(scales) and not bool(np.all(np.asarray(scales) > 0)):
         raise ValueError("scales must be strictly positive (they are standard deviations).")
+    return means, scales
 
 
 def posterior_mean_variance(means: Float[Array, "n l"]) -> Float[Array, " l"]:
@@ -50,6 +59,7 @@ def posterior_mean_variance(means: Float[Array, "n l"]) -> Float[Array, " l"]:
     Returns:
       Shape (l,).
     """
+    means = _check_means(means)
     centred = means - jnp.mean(means, axis=0)[None, :]
     return jnp.mean(jnp.square(centred), axis=0)
 
@@ -76,6 +86,7 @@ def active_units(means: Float[Array, "n l"], *, threshold: float = 0.01) -> Int[
       1
     """
     threshold = check_nonnegative(threshold, name="threshold")
+    means = _check_means(means)
     return jnp.sum(posterior_mean_variance(means) > threshold)
 
 
@@ -95,7 +106,7 @@ def kl_per_dim(means: Float[Array, "n l"], scales: Float[Array, "n l"]) -> Float
     Returns:
       Shape (l,).
     """
-    _check_means_scales(means, scales)
+    means, scales = _check_means_scales(means, scales)
     # A trailing axis of size one turns the summed KL into a per-dimension one.
     per_point = standard_normal_kl(means[:, :, None], scales[:, :, None])
     return jnp.mean(per_point, axis=0)
@@ -128,7 +139,8 @@ def mutual_information(
     Returns:
       A scalar in the dtype of ``means``.
     """
-    _check_means_scales(means, scales)
+    key = _checks.as_key(key)
+    means, scales = _check_means_scales(means, scales)
     n = means.shape[0]
     eps = jax.random.normal(key, means.shape, dtype=means.dtype)
     z = means + scales * eps

@@ -21,7 +21,6 @@ still concrete) and raise ``ValueError``. Traced hyperparameters are accepted un
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +48,15 @@ def _check_nonnegative(value, *, name: str) -> None:
 def pairwise_sq_distances(x: Float[Array, "n l"], y: Float[Array, "m l"]) -> Float[Array, "n m"]:
     r"""Squared Euclidean distances :math:`\|x_i - y_j\|^2` with one matrix product.
 
-    Uses :math:`\|x\|^2 - 2 x \cdot y + \|y\|^2` and clips at zero: cancellation can make the
-    expanded form slightly negative (never by more than a few ulps of the norms) when
-    :math:`x_i \approx y_j`, and a negative squared distance would make a kernel exceed
-    its maximum.
+    Both sets are first centred on their pooled mean c (distances do not change under a
+    common shift), then :math:`\|x - c\|^2 - 2 (x - c) \cdot (y - c) + \|y - c\|^2` is
+    clipped at zero. Without the centring the expanded form cancels catastrophically once
+    the points sit far from the origin relative to their spread (an offset of 1e8 in
+    float64, a few hundred in float32, loses every digit); after it, the rounding error is
+    a few ulps of the squared spread. The clip catches what is left when
+    :math:`x_i \approx y_j`: a negative squared distance would make a kernel exceed its
+    maximum. The shift is a constant of the gradient (``stop_gradient``): the distances do
+    not depend on it.
 
     Args:
       x: points, shape (n, l).
@@ -61,7 +65,26 @@ def pairwise_sq_distances(x: Float[Array, "n l"], y: Float[Array, "m l"]) -> Flo
     Returns:
       Shape (n, m), all entries >= 0.
     """
-    chex.assert_equal_shape_suffix([x, y], 1)
+    x, y = _check_pair(x, y)
+    return _pairwise_sq_distances(x, y)
+
+
+def _check_pair(x, y) -> tuple[Array, Array]:
+    """Two point sets: 2-D, float (the dtype rule), one dimension; finite when concrete."""
+    x = _checks.as_array(x, name="x", ndim=2)
+    y = _checks.as_array(y, name="y", ndim=2)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must have the same dimension; got shapes {tuple(x.shape)} and "
+            f"{tuple(y.shape)}."
+        )
+    return x, y
+
+
+def _pairwise_sq_distances(x: Array, y: Array) -> Array:
+    total = jnp.sum(x, axis=0) + jnp.sum(y, axis=0)
+    centre = jax.lax.stop_gradient(total / (x.shape[0] + y.shape[0]))
+    x, y = x - centre[None, :], y - centre[None, :]
     x_sq = jnp.sum(x * x, axis=-1)
     y_sq = jnp.sum(y * y, axis=-1)
     cross = x @ y.T
@@ -88,7 +111,8 @@ def rbf_kernel(
       0.367...
     """
     _check_positive(bandwidth, name="bandwidth")
-    return jnp.exp(-pairwise_sq_distances(x, y) / (2.0 * bandwidth**2))
+    x, y = _check_pair(x, y)
+    return jnp.exp(-_pairwise_sq_distances(x, y) / (2.0 * bandwidth**2))
 
 
 def inverse_multiquadric_kernel(
@@ -114,7 +138,8 @@ def inverse_multiquadric_kernel(
       0.5
     """
     _check_positive(scale, name="scale")
-    return scale / (scale + pairwise_sq_distances(x, y))
+    x, y = _check_pair(x, y)
+    return scale / (scale + _pairwise_sq_distances(x, y))
 
 
 def kernel_matrix(
@@ -122,6 +147,7 @@ def kernel_matrix(
 ) -> Float[Array, "n m"]:
     """Dispatches to :func:`rbf_kernel` (h = bandwidth) or the IMQ kernel (C = bandwidth)."""
     _checks.check_choice(kernel, name="kernel", choices=_KERNELS)
+    x, y = _check_pair(x, y)
     if kernel == "rbf":
         return rbf_kernel(x, y, bandwidth=bandwidth)
     return inverse_multiquadric_kernel(x, y, scale=bandwidth)
@@ -171,17 +197,16 @@ def mmd_unbiased(
     """
     _checks.check_choice(kernel, name="kernel", choices=_KERNELS)
     _check_positive(bandwidth, name="bandwidth" if kernel == "rbf" else "bandwidth (IMQ scale)")
-    if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(f"x and y must be 2-D (samples, dim); got shapes {x.shape}, {y.shape}.")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"x and y must have the same dimension; got {x.shape[1]} and {y.shape[1]}."
-        )
+    x, y = _check_pair(x, y)
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(
             "The unbiased MMD needs at least two samples on each side; "
             f"got {x.shape[0]} and {y.shape[0]}."
         )
+    # One shift for all three matrices (the pooled mean): each is then computed from points
+    # near the origin, and the three share their rounding.
+    centre = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([x, y], axis=0), axis=0))
+    x, y = x - centre[None, :], y - centre[None, :]
     kxx = kernel_matrix(x, x, kernel=kernel, bandwidth=bandwidth)
     kyy = kernel_matrix(y, y, kernel=kernel, bandwidth=bandwidth)
     kxy = kernel_matrix(x, y, kernel=kernel, bandwidth=bandwidth)
@@ -250,6 +275,9 @@ def info_vae_objective(
       >>> float(info_vae_objective(ll, kl, jnp.asarray(0.0), alpha=0.0, lam=1.0))  # -ELBO
       6.0
     """
-    chex.assert_equal_shape([log_lik, kl])
+    log_lik = _checks.as_array(log_lik, name="log_lik", ndim=1)
+    kl = _checks.as_array(kl, name="kl", ndim=1)
+    _checks.check_same_shape((log_lik, "log_lik"), (kl, "kl"))
+    mmd = _checks.as_array(mmd, name="mmd", ndim=0)
     kl_weight, mmd_weight = info_vae_weights(alpha=alpha, lam=lam)
     return -jnp.mean(log_lik) + kl_weight * jnp.mean(kl) + mmd_weight * mmd

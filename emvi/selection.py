@@ -87,6 +87,7 @@ def bernoulli_mixture_beta_prior(
 
     if len(grid) == 1:
         return grid[0], {}
+    key = _checks.as_key(key)
 
     def fit(x_fit, a):
         prior = bm.BernoulliMixturePrior(alpha, a, a)

@@ -715,6 +715,7 @@ def train_on_source(
     Returns:
       ``(params, opt_state, info)``.
     """
+    key = _checks.as_key(key)
     from emvi import optim
 
     num_epochs = _checks.check_positive_int(num_epochs, name="num_epochs")

@@ -42,6 +42,19 @@ Saves are synchronous; orbax writes each one into ``<epoch>.orbax-checkpoint-tmp
 renames it on commit, and only renamed directories count as checkpoints, so a run killed
 at any moment resumes from its last complete one.
 
+Damage. Beside each checkpoint, ``checkpoints/<epoch>.sha256.json`` records the SHA-256 of
+every file in it, written after orbax's commit. A resume verifies the newest checkpoint
+against it (and then that orbax can read it); a checkpoint that fails (a file changed,
+truncated or missing, no checksum, or unreadable) is skipped with a
+:class:`CheckpointSkippedWarning` naming it and the reason, moved aside to
+``checkpoints/damaged-<epoch>[-i]``, and the next older one is tried. The run continues
+from the newest intact checkpoint (or from scratch), so it still ends bit-identical to
+the uninterrupted run.
+
+One writer. ``fit`` holds :func:`emvi.runs.lock_run_folder` on the workdir while it runs:
+a second process on the same folder gets a ``ValueError`` naming the holder's PID before
+any work, as does a workdir that is a file or not writable.
+
 Example:
   >>> import optax
   >>> def loss_fn(params, key, batch, step):
@@ -57,8 +70,11 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,7 +88,13 @@ from tqdm.auto import tqdm
 
 from emvi import _checks
 from emvi.optim import run_steps
-from emvi.runs import MetricsLog, atomic_write_text, read_metrics
+from emvi.runs import (
+    MetricsLog,
+    atomic_write_text,
+    lock_run_folder,
+    read_metrics,
+    unlock_run_folder,
+)
 
 PyTree = Any
 LossFn = Callable[[PyTree, PRNGKeyArray, Array, Array], tuple[Array, Mapping[str, Array]]]
@@ -94,6 +116,11 @@ class TrainingDivergedError(ValueError):
         super().__init__(message)
         self.step = step
         self.epoch = epoch
+
+
+class CheckpointSkippedWarning(UserWarning):
+    """A checkpoint failed verification on restore and was skipped (the message says which
+    and why); training continued from an older intact one, or from scratch."""
 
 
 class TrainState(NamedTuple):
@@ -126,6 +153,8 @@ class TrainResult(NamedTuple):
       steady_epoch_time: mean ``epoch_time`` over this call's epochs after the first
         (which includes compilation), or None with fewer than two epochs. Throughput is
         ``examples_per_epoch / steady_epoch_time`` examples per second.
+      skipped_checkpoints: ``(epoch, reason)`` for each damaged checkpoint skipped on
+        resume, newest first (each also raised a :class:`CheckpointSkippedWarning`).
     """
 
     state: TrainState
@@ -133,6 +162,7 @@ class TrainResult(NamedTuple):
     resumed_from: int | None
     examples_per_epoch: int
     steady_epoch_time: float | None
+    skipped_checkpoints: tuple[tuple[int, str], ...] = ()
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
@@ -220,9 +250,9 @@ def _train_epoch(
 
     def step_loss(params: PyTree, step: Int[Array, ""]):
         batch = jnp.take(data, batches[step - state.step], axis=0)
-        loss, aux = loss_fn(params, jax.random.fold_in(step_key, step), batch, step)
-        _check_loss_output(loss, aux)
-        return loss, aux
+        out = loss_fn(params, jax.random.fold_in(step_key, step), batch, step)
+        _check_loss_output(out)
+        return out
 
     params, opt_state, (losses, aux) = run_steps(
         step_loss,
@@ -243,8 +273,62 @@ _train_epoch_jit = jax.jit(_train_epoch, static_argnames=("loss_fn", "optimizer"
 _RESERVED_KEYS = frozenset({"loss", "epoch", "step", "epoch_time", "includes_compile", "elapsed"})
 
 
-def _check_loss_output(loss, aux) -> None:
-    """Trace-time checks on what a loss function returned."""
+def _check_optimizer_descends(optimizer, state: TrainState) -> None:
+    """Refuses an optimizer that would train uphill or not at all.
+
+    Two updates from the initial state, for a gradient of ones: a descent method's update
+    has a negative inner product with the gradient. NaN or inf (a NaN learning rate), a
+    positive inner product (a negative learning rate), or two exact zeros (a learning rate
+    of 0; one zero alone is a warm-up schedule starting at 0) raise ``ValueError``. Only
+    floating parameters are probed; an optimizer that needs extra arguments is not.
+    """
+    leaves = jax.tree.leaves(state.params)
+    if not leaves or not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves):
+        return
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    params, opt_state, totals = state.params, state.opt_state, []
+    try:
+        for _ in range(2):
+            with jax.numpy_dtype_promotion("standard"):  # as emvi.optim.apply_update
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+            values = [np.asarray(u, np.float64) for u in jax.tree.leaves(updates)]
+            if not all(np.all(np.isfinite(v)) for v in values):
+                raise ValueError(
+                    "optimizer gives a NaN or inf update for a gradient of ones: "
+                    "is the learning rate NaN or inf?"
+                )
+            totals.append(float(sum(np.sum(v) for v in values)))
+            if totals[-1] > 0:
+                raise ValueError(
+                    "optimizer moves uphill: for a gradient of ones its update sums to "
+                    f"{totals[-1]:.3g} > 0, so training would raise the loss. Is the learning "
+                    "rate negative? (emvi minimises loss_fn.)"
+                )
+            with jax.numpy_dtype_promotion("standard"):
+                params = optax.apply_updates(params, updates)
+    except ValueError as err:
+        if str(err).startswith("optimizer"):
+            raise
+        return
+    except Exception:  # optimizers needing extra arguments are not probed
+        return
+    if all(t == 0 for t in totals):
+        raise ValueError(
+            "optimizer does not move: its first two updates are zero for a gradient of "
+            "ones. Is the learning rate 0?"
+        )
+
+
+def _check_loss_output(out) -> None:
+    """Trace-time checks on what a loss function returned (inside the traced loss, so they
+    run before ``jax.grad`` looks at the output)."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "loss_fn must return a pair (loss, aux): a scalar loss and a dict of scalars; "
+            f"got {type(out).__name__}"
+            + (f" of length {len(out)}." if isinstance(out, tuple) else ".")
+        )
+    loss, aux = out
     if jnp.shape(loss) != ():
         raise ValueError(f"loss_fn must return a scalar loss; got shape {jnp.shape(loss)}.")
     if not isinstance(aux, Mapping):
@@ -326,6 +410,9 @@ class _Checkpoints:
     def latest_epoch(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_epochs(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, epoch: int, state: TrainState, meta: dict) -> None:
         ocp = self._ocp
         self._manager.save(
@@ -336,6 +423,54 @@ class _Checkpoints:
             force=True,
         )
         self._manager.wait_until_finished()
+        atomic_write_text(
+            _checksum_path(self.directory, epoch),
+            json.dumps({"epoch": epoch, "sha256": _file_digests(self.directory / str(epoch))}),
+        )
+        # Checksums of checkpoints the preservation policy has deleted.
+        kept = set(self._manager.all_steps())
+        for path in self.directory.glob("*" + _CHECKSUM_SUFFIX):
+            stem = path.name[: -len(_CHECKSUM_SUFFIX)]
+            if stem.isdigit() and int(stem) not in kept:
+                path.unlink(missing_ok=True)
+
+    def verify(self, epoch: int) -> str | None:
+        """Why the checkpoint of ``epoch`` is not intact, or None if its files match."""
+        folder = self.directory / str(epoch)
+        try:
+            record = json.loads(_checksum_path(self.directory, epoch).read_text())
+            expected = dict(record["sha256"])
+        except FileNotFoundError:
+            return "it has no checksum file (written by an older emvi, or killed before it)"
+        except (ValueError, KeyError, TypeError) as err:
+            return f"its checksum file is unreadable ({type(err).__name__})"
+        found = _file_digests(folder)
+        missing = sorted(set(expected) - set(found))
+        changed = sorted(
+            name for name in expected if name in found and found[name] != expected[name]
+        )
+        extra = sorted(set(found) - set(expected))
+        problems = [f"{name} is missing" for name in missing]
+        problems += [f"{name} differs from its checksum" for name in changed]
+        problems += [f"{name} is not in its checksum" for name in extra]
+        if not problems:
+            return None
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        return f"its files do not match their SHA-256 checksums: {shown}"
+
+    def set_aside(self, epoch: int) -> Path:
+        """Moves a damaged checkpoint out of orbax's sight (never deletes it)."""
+        target = self.directory / f"damaged-{epoch}"
+        i = 1
+        while target.exists():
+            target = self.directory / f"damaged-{epoch}-{i}"
+            i += 1
+        os.replace(self.directory / str(epoch), target)
+        _checksum_path(self.directory, epoch).unlink(missing_ok=True)
+        self._manager.reload()
+        return target
 
     def restore_meta(self, epoch: int) -> dict:
         ocp = self._ocp
@@ -364,6 +499,64 @@ class _Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+_CHECKSUM_SUFFIX = ".sha256.json"
+
+
+def _checksum_path(directory: Path, epoch: int) -> Path:
+    return directory / f"{epoch}{_CHECKSUM_SUFFIX}"
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, keyed by its path relative to ``folder``."""
+    digests = {}
+    if not folder.is_dir():
+        return digests
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        digests[path.relative_to(folder).as_posix()] = h.hexdigest()
+    return digests
+
+
+def _restore_intact(checkpoints: _Checkpoints, meta: dict, state: TrainState, num_epochs: int):
+    """The newest checkpoint that passes :meth:`_Checkpoints.verify` and restores, as
+    ``(state, epoch, skipped)``; damaged ones are set aside, with a warning each. A
+    checkpoint of another setup (config, key, shapes) is an error, not damage."""
+    skipped = []
+    for epoch in reversed(checkpoints.all_epochs()):
+        reason = checkpoints.verify(epoch)
+        if reason is None:
+            try:
+                stored = checkpoints.restore_meta(epoch)
+            except Exception as err:  # any failure to read is damage here
+                reason = f"its metadata cannot be read ({type(err).__name__}: {str(err)[:200]})"
+        if reason is None:
+            if epoch > num_epochs - 1:
+                raise ValueError(
+                    f"{checkpoints.directory} holds a checkpoint of epoch {epoch}, past "
+                    f"the {num_epochs} epochs asked for; use a fresh workdir or "
+                    "--overwrite, or ask for more epochs."
+                )
+            _check_meta(stored, meta, checkpoints.directory)
+            try:
+                return checkpoints.restore_state(epoch, state), epoch, skipped
+            except ValueError:
+                raise  # does not fit the params: not damage
+            except Exception as err:  # a TensorStore or decoding failure
+                reason = f"its state cannot be read ({type(err).__name__}: {str(err)[:200]})"
+        moved = checkpoints.set_aside(epoch)
+        skipped.append((epoch, reason))
+        warnings.warn(
+            f"Skipped the checkpoint of epoch {epoch} in {checkpoints.directory}: {reason}. "
+            f"It was moved to {moved}; trying the next older one.",
+            CheckpointSkippedWarning,
+            stacklevel=4,
+        )
+    return state, None, skipped
 
 
 def _check_signature(stored: list, expected: list, directory: Path) -> None:
@@ -514,11 +707,18 @@ def fit(
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: on bad arguments, or a checkpoint from another config, key, data shape
-        or params structure.
+      ValueError: on bad arguments (among them a ``key`` that is neither a PRNG key nor
+        an integer seed, an optimizer whose first update on a gradient of ones is NaN,
+        uphill or, twice running, zero: a NaN, negative or zero learning rate; a
+        ``loss_fn`` that does not return a scalar and a dict of scalars, found when the
+        epoch is traced, before ``jax.grad`` sees it), a workdir that is a file, not
+        writable or held by another process (its PID is named), or a checkpoint from
+        another config, key, data shape or params structure. Damaged checkpoints are skipped with a
+        :class:`CheckpointSkippedWarning` (see the module docstring).
       TrainingDivergedError: when a loss (or the parameters) becomes NaN or inf. The
         epoch that produced it is neither logged nor saved.
     """
+    key = _checks.as_key(key)
     data_np = _checks.as_data_matrix(train_x, name="train_x")
     num_points, data_dim = data_np.shape
     batch_size = _checks.check_positive_int(batch_size, name="batch_size")
@@ -534,8 +734,18 @@ def fit(
     if config_fingerprint is not None and not isinstance(config_fingerprint, str):
         raise ValueError(f"config_fingerprint must be a string; got {config_fingerprint!r}.")
 
+    if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise ValueError(f"workdir {workdir} exists and is not a directory.")
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(
+            f"optimizer must be an optax GradientTransformation; got {type(optimizer).__name__}."
+        )
+
     started = time.perf_counter()
     state = init_state(params, optimizer)
+    _check_optimizer_descends(optimizer, state)
     meta = {
         "config_fingerprint": config_fingerprint,
         "num_examples": num_points,
@@ -573,6 +783,7 @@ def fit(
         resumed_from=run.resumed_from,
         examples_per_epoch=(num_points // batch_size) * batch_size,
         steady_epoch_time=float(np.mean(steady)) if steady else None,
+        skipped_checkpoints=run.skipped,
     )
 
 
@@ -584,12 +795,18 @@ class _Run(NamedTuple):
     log: MetricsLog | None
     state: TrainState
     resumed_from: int | None
+    workdir: Path | None = None  # locked by this run (emvi.runs.lock_run_folder)
+    skipped: tuple[tuple[int, str], ...] = ()
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-        if self.checkpoints is not None:
-            self.checkpoints.close()
+        try:
+            if self.log is not None:
+                self.log.close()
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+        finally:
+            if self.workdir is not None:
+                unlock_run_folder(self.workdir)
 
 
 class _Schedule(NamedTuple):
@@ -616,10 +833,12 @@ def _open_run(
     of later epochs are dropped so that ``metrics.jsonl`` keeps one row per epoch.
     """
     workdir = workdir.absolute()  # orbax needs absolute paths
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=keep)
+    lock_run_folder(workdir)  # before anything is read or written
+    checkpoints = None
     try:
+        checkpoints = _Checkpoints(workdir / CHECKPOINT_DIR, max_to_keep=keep)
         latest = checkpoints.latest_epoch()
+        skipped = []
         if latest is not None:
             if not resume:
                 raise ValueError(
@@ -627,19 +846,15 @@ def _open_run(
                     f"{latest}); pass resume=True to continue that run, or use a fresh "
                     "workdir or --overwrite."
                 )
-            if latest > num_epochs - 1:
-                raise ValueError(
-                    f"{checkpoints.directory} holds a checkpoint of epoch {latest}, past "
-                    f"the {num_epochs} epochs asked for; use a fresh workdir or "
-                    "--overwrite, or ask for more epochs."
-                )
-            _check_meta(checkpoints.restore_meta(latest), meta, checkpoints.directory)
-            state = checkpoints.restore_state(latest, state)
+            state, latest, skipped = _restore_intact(checkpoints, meta, state, num_epochs)
         _trim_metrics(workdir, last_epoch=-1 if latest is None else latest)
+        log = MetricsLog(workdir)
     except BaseException:
-        checkpoints.close()
+        if checkpoints is not None:
+            checkpoints.close()
+        unlock_run_folder(workdir)
         raise
-    return _Run(checkpoints, MetricsLog(workdir), state, latest)
+    return _Run(checkpoints, log, state, latest, workdir, tuple(skipped))
 
 
 def _run_epochs(
@@ -753,7 +968,10 @@ def load_checkpoint(
       ``(state, epoch)``.
 
     Raises:
-      ValueError: if there is no such checkpoint or it does not fit ``params``.
+      ValueError: if there is no such checkpoint, it does not fit ``params``, or it fails
+        its SHA-256 checksums. With ``epoch=None`` damaged checkpoints are skipped (with a
+        :class:`CheckpointSkippedWarning`; nothing is moved) and the newest intact one is
+        loaded.
     """
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -767,9 +985,24 @@ def load_checkpoint(
     checkpoints = _Checkpoints(directory, max_to_keep=None, read_only=True)
     try:
         if epoch is None:
-            epoch = checkpoints.latest_epoch()
+            for candidate in reversed(checkpoints.all_epochs()):
+                reason = checkpoints.verify(candidate)
+                if reason is None:
+                    epoch = candidate
+                    break
+                warnings.warn(
+                    f"Skipped the checkpoint of epoch {candidate} in {directory}: {reason}.",
+                    CheckpointSkippedWarning,
+                    stacklevel=2,
+                )
             if epoch is None:
-                raise ValueError(f"No complete checkpoint in {directory}.")
+                raise ValueError(f"No complete, intact checkpoint in {directory}.")
+        else:
+            reason = checkpoints.verify(epoch) if epoch in checkpoints.all_epochs() else None
+            if reason is not None:
+                raise ValueError(
+                    f"The checkpoint of epoch {epoch} in {directory} is damaged: {reason}."
+                )
         meta = checkpoints.restore_meta(epoch)
         _check_signature(meta.get("state_signature"), _signature(like), directory)
         state = checkpoints.restore_state(epoch, like)
