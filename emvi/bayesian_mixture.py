@@ -78,8 +78,8 @@ from jax import lax
 from jax.scipy.special import digamma, gammaln, multigammaln, xlogy
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
 
+from emvi import _checks, gmm
 from emvi import bernoulli_mixture as bmix
-from emvi import gmm
 from emvi import kmeans as km
 from emvi._checks import (
     as_data_matrix,
@@ -781,6 +781,7 @@ def fit(
       >>> int(jnp.sum(w > 0.05))
       2
     """
+    key = _checks.as_key(key)
     covariance_type = check_choice(
         covariance_type, name="covariance_type", choices=COVARIANCE_TYPES
     )
@@ -1071,6 +1072,7 @@ def fit_bernoulli(
       >>> res.posterior.a.shape
       (3, 6)
     """
+    key = _checks.as_key(key)
     wpt = check_choice(
         weight_concentration_prior_type,
         name="weight_concentration_prior_type",

@@ -1342,6 +1342,7 @@ def sample(
     Returns:
       ``(x, z)``: observations (n, t, ...) and states (n, t).
     """
+    key = _checks.as_key(key)
     key_z, key_x = jax.random.split(key)
     log_a = jnp.log(params.transition)
     k0, kr = jax.random.split(key_z)
@@ -1531,6 +1532,7 @@ def init_params(
     (rows Dirichlet(10 k) draws, so restarts differ), and emissions from the emission's
     ``init`` on the valid steps (``"kmeans"``) or from one M-step under random
     responsibilities (``"random"``)."""
+    key = _checks.as_key(key)
     k = num_states
     dtype = weights.dtype
     key_a, key_e = jax.random.split(key)
@@ -1659,6 +1661,7 @@ def fit(
         [1, t], ``num_states`` < 1, an ``init`` whose shapes, dimension or probabilities are
         wrong (rows not summing to one, negative entries), or bad settings.
     """
+    key = _checks.as_key(key)
     emission = _as_emission(emission, x)
     k = _checks.check_positive_int(num_states, name="num_states")
     x_np, mask = check_sequences(x, lengths, emission)

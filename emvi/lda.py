@@ -63,6 +63,7 @@ from jax import lax
 from jax.scipy.special import digamma, gammaln
 from jaxtyping import Array, ArrayLike, Float, Key
 
+from emvi import _checks
 from emvi._checks import check_positive, check_positive_int
 
 
@@ -465,6 +466,7 @@ def fit(
       >>> res.topic_word.shape
       (10, 25)
     """
+    key = _checks.as_key(key)
     arr = as_doc_term(x)
     k = check_positive_int(num_topics, name="num_topics")
     if method not in ("batch", "online"):

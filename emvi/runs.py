@@ -7,12 +7,14 @@ A run folder holds
   the line being written;
 * ``results.json``: the final numbers, written atomically (temp file, then rename);
 * ``checkpoints/``: orbax checkpoints (see ``emvi.train``);
-* figures as PNG, remade from the files above by the plotting code.
+* figures as PNG, remade from the files above by the plotting code;
+* ``.emvi.lock``: the lock of the one process writing the folder (:func:`lock_run_folder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -185,33 +187,124 @@ def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+LOCK_NAME = ".emvi.lock"
+
+# Run folders this process holds: resolved path -> [file descriptor, holders]. flock locks
+# belong to an open file description, so a second open in the same process would lock
+# against itself; holders in one process share the one descriptor instead.
+_HELD_LOCKS: dict[str, list[int]] = {}
+
+
+class RunFolderLockedError(ValueError):
+    """Another process is writing the run folder (its PID is in the message and ``pid``)."""
+
+    def __init__(self, message: str, *, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
+def _writable_folder(path: Path) -> None:
+    """Creates ``path`` if needed; a clear ``ValueError`` if it is a file or not writable."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir {path} exists and is not a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"workdir {path} cannot be created: {err.strerror or err}.") from err
+
+
+def lock_run_folder(workdir: str | os.PathLike) -> Path:
+    """Makes this process the one writer of the run folder ``workdir`` (created if needed).
+
+    An exclusive ``fcntl.flock`` on ``workdir/.emvi.lock``, which also records the holder's
+    PID. The operating system releases it when the process ends, however it ends (a
+    killed run leaves no stale lock). Calls from the same process nest: each is undone by
+    one :func:`unlock_run_folder`.
+
+    Raises:
+      ValueError: if ``workdir`` is a file, cannot be created or is not writable.
+      RunFolderLockedError: (a ``ValueError``) if another process holds the folder.
+    """
+    path = Path(workdir)
+    _writable_folder(path)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        return path
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ValueError(
+            f"workdir {path} is not writable ({err.strerror or err}); choose a folder this "
+            "process may write to."
+        ) from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        pid = int(text) if text.isdigit() else None
+        raise RunFolderLockedError(
+            f"workdir {path} is in use by another process (PID {pid if pid else 'unknown'}); "
+            "two runs writing one folder would mix their metrics and checkpoints. Wait for "
+            "it to finish, stop it, or use another workdir.",
+            pid=pid,
+        ) from err
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = [fd, 1]
+    return path
+
+
+def unlock_run_folder(workdir: str | os.PathLike) -> None:
+    """Undoes one :func:`lock_run_folder` of this process; the last one releases the lock."""
+    key = str(Path(workdir).resolve())
+    held = _HELD_LOCKS.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD_LOCKS[key]
+        os.close(held[0])  # closing the descriptor releases the flock
+
+
 def prepare_workdir(
     workdir: str | os.PathLike, *, overwrite: bool = False, resume: bool = False
 ) -> Path:
-    """Creates a run folder, refusing to clobber an existing non-empty one.
+    """Creates a run folder, refusing to clobber an existing non-empty one, and locks it.
+
+    The lock (:func:`lock_run_folder`) is taken before anything is deleted or written and
+    held for the rest of the process: a second process on the same folder stops here,
+    with the holder's PID in the message.
 
     Args:
       workdir: the run folder.
-      overwrite: delete an existing folder first.
+      overwrite: delete an existing folder's contents first.
       resume: keep an existing folder (for runs that resume from checkpoints).
 
     Raises:
-      ValueError: if the folder exists, is not empty, and neither flag was given.
+      ValueError: if the folder exists, is not empty, and neither flag was given; if it is
+        a file, cannot be created or is not writable; or if another process holds it
+        (:class:`RunFolderLockedError`).
     """
     path = Path(workdir)
     if overwrite and resume:
         raise ValueError("Pass at most one of overwrite and resume.")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"workdir {path} exists and is not a directory.")
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            shutil.rmtree(path)
-        elif not resume:
-            raise ValueError(
-                f"workdir {path} already holds a run; pass --overwrite to replace it"
-                " (or --resume where the experiment supports it)."
-            )
-    path.mkdir(parents=True, exist_ok=True)
+    existed = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
+    if existed and not (overwrite or resume):
+        raise ValueError(
+            f"workdir {path} already holds a run; pass --overwrite to replace it"
+            " (or --resume where the experiment supports it)."
+        )
+    lock_run_folder(path)
+    if existed and overwrite:
+        for child in path.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     return path
 
 

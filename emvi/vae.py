@@ -619,6 +619,7 @@ def fit_vae(
     Raises:
       ValueError: on bad data or a batch larger than the data set.
     """
+    key = _checks.as_key(key)
     from emvi import train
 
     x = check_data(train_x, model=model, name="train_x")
@@ -687,6 +688,7 @@ def reconstruct(key: Array, params: VAEParams, x, *, model: Model, sample: bool 
       (n, d): the decoder mean E[x|z] (Bernoulli probabilities in [0, 1]) or, with
       ``sample=True``, a draw x ~ p(x|z).
     """
+    key = _checks.as_key(key)
     arr = check_data(x, model=model)
     x = jnp.asarray(arr, _params_dtype(params))
     return _reconstruct_jit(key, params, x, model, bool(sample))
@@ -710,6 +712,7 @@ def generate(key: Array, params: VAEParams, num: int, *, model: Model, sample: b
     Returns:
       (num, d): decoder means, or draws x ~ p(x|z) with ``sample=True``.
     """
+    key = _checks.as_key(key)
     num = _checks.check_positive_int(num, name="num")
     return _generate_jit(key, params, model, num, bool(sample))
 
@@ -758,6 +761,7 @@ def log_likelihood(
     via ``emvi.elbo.estimate_log_likelihood`` (a lower bound in expectation that tightens
     as K grows).
     """
+    key = _checks.as_key(key)
     if isinstance(model, CategoricalVAE):
         return categorical_log_likelihood(params, x, model=model)
     arr = check_data(x, model=model)
@@ -823,6 +827,7 @@ def evaluate_gaussian(
       ``test_log_likelihood_sem``, ``active_units``, ``kl_per_dim``,
       ``mutual_information``, ``reconstruction_error`` and how each was computed.
     """
+    key = _checks.as_key(key)
     from emvi import metrics
 
     keys = jax.random.split(key, 5)
@@ -870,6 +875,7 @@ def evaluate_categorical(
       q(k|x) over the test set exceeds 0.01 and the exact mutual information
       :math:`H(\\bar q) - \\overline{H(q)}`.
     """
+    key = _checks.as_key(key)
     keys = jax.random.split(key, 2)
     dtype = _params_dtype(params)
     test = jnp.asarray(check_data(test_x, model=model), dtype)

@@ -43,10 +43,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from emvi import _checks
-from emvi.mmd import pairwise_sq_distances
+from emvi.mmd import _pairwise_sq_distances
 
 
-def _check_codebook(codebook: Array, z_e: Array | None = None) -> None:
+def _check_codebook(codebook, z_e=None) -> None:
+    _checks.as_array(codebook, name="codebook")
+    if z_e is not None:
+        _checks.as_array(z_e, name="z_e", min_ndim=1)
     if codebook.ndim != 2:
         raise ValueError(f"codebook must be 2-D (num_codes, code_dim); got shape {codebook.shape}.")
     if codebook.shape[0] < 1:
@@ -63,8 +66,10 @@ def quantize(
 ) -> tuple[Float[Array, "n l"], Int[Array, " n"], Float[Array, "n m"]]:
     r"""Nearest-code quantisation (the hard E-step).
 
-    Distances use :math:`\|z\|^2 - 2 z \cdot e + \|e\|^2` (one matrix product, clipped at 0),
-    then argmin; ties go to the lowest index.
+    Distances use :math:`\|z\|^2 - 2 z \cdot e + \|e\|^2` (one matrix product, clipped at 0)
+    after centring both on their pooled mean (:func:`emvi.mmd.pairwise_sq_distances`; without
+    it the expanded form picks a non-nearest code once the data sit 1e8 from the origin in
+    float64, or a few hundred in float32), then argmin; ties go to the lowest index.
 
     Args:
       z_e: encoder outputs, shape (n, l).
@@ -75,11 +80,14 @@ def quantize(
       squared distances (n, m).
 
     Raises:
-      ValueError: for an empty codebook or mismatched code dimension (shapes are static, so
-        this is checked under ``jit`` too).
+      ValueError: for a ``z_e`` or codebook that is not 2-D, an empty codebook, mismatched
+        code dimension, complex or half-precision input (shapes and dtypes are static, so
+        this is checked under ``jit`` too), and NaN or inf in concrete (untraced) input.
     """
+    z_e = _checks.as_array(z_e, name="z_e", ndim=2)
     _check_codebook(codebook, z_e)
-    distances = pairwise_sq_distances(z_e, codebook)
+    codebook = _checks.as_array(codebook, name="codebook", ndim=2)
+    distances = _pairwise_sq_distances(z_e, codebook)
     indices = jnp.argmin(distances, axis=-1)
     z_q = jnp.take(codebook, indices, axis=0)
     return z_q, indices, distances
@@ -127,8 +135,9 @@ def vq_loss_terms(
     Returns:
       :class:`VQLossTerms` with ``total = codebook + beta * commitment``.
     """
-    if not isinstance(beta, jax.core.Tracer):
+    if _checks.is_concrete(beta):
         _checks.check_nonnegative(beta, name="beta")
+    z_e = _checks.as_array(z_e, name="z_e", ndim=2)
     z_q, _, _ = quantize(z_e, codebook)
     codebook_term = jnp.mean(jnp.sum((jax.lax.stop_gradient(z_e) - z_q) ** 2, axis=-1))
     commitment = jnp.mean(jnp.sum((z_e - jax.lax.stop_gradient(z_q)) ** 2, axis=-1))
@@ -185,14 +194,14 @@ def ema_update(
     Returns:
       The new :class:`EMAState`.
     """
-    if not isinstance(decay, jax.core.Tracer):
+    if _checks.is_concrete(decay):
         d = _checks.check_nonnegative(decay, name="decay")
         if d >= 1.0:
             raise ValueError(f"decay must be in [0, 1); got {decay!r}.")
-    if not isinstance(eps, jax.core.Tracer):
+    if _checks.is_concrete(eps):
         _checks.check_nonnegative(eps, name="eps")
     _check_codebook(state.codebook, z_e)
-    chex.assert_shape(indices, z_e.shape[:1])
+    _check_indices(indices, z_e.shape[0], state.codebook.shape[0])
     m = state.codebook.shape[0]
     one_hot = jax.nn.one_hot(indices, m, dtype=z_e.dtype)  # (n, m)
     counts = jnp.sum(one_hot, axis=0)
@@ -206,9 +215,26 @@ def ema_update(
     return EMAState(cluster_size, embed_sum, codebook)
 
 
+def _check_indices(indices, n: int | None, m: int) -> None:
+    """Code indices: integers of shape (n,), and in [0, m) when concrete."""
+    shape, dtype = tuple(jnp.shape(indices)), jnp.result_type(indices)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"indices must be integers (code numbers); got dtype {dtype}.")
+    if len(shape) != 1 or (n is not None and shape[0] != n):
+        want = "(n,)" if n is None else f"({n},), one per vector"
+        raise ValueError(f"indices must have shape {want}; got {shape}.")
+    if _checks.is_concrete(indices):
+        values = np.asarray(indices)
+        if values.size and (values.min() < 0 or values.max() >= m):
+            raise ValueError(
+                f"indices must lie in [0, {m}); got values from {values.min()} to {values.max()}."
+            )
+
+
 def code_usage(indices: Int[Array, " n"], m: int) -> Float[Array, " m"]:
     """How many of the n vectors each of the m codes received (as floats)."""
     _checks.check_positive_int(m, name="codebook size m")
+    _check_indices(indices, None, m)
     return jnp.sum(jax.nn.one_hot(indices, m), axis=0)
 
 
@@ -252,8 +278,14 @@ def restart_dead_codes(
     Returns:
       The new codebook, shape (m, l); live codes are unchanged.
     """
+    key = _checks.as_key(key)
     _check_codebook(codebook, z_e)
-    chex.assert_shape(usage_counts, codebook.shape[:1])
+    usage_counts = _checks.as_array(usage_counts, name="usage_counts", ndim=1)
+    if usage_counts.shape != codebook.shape[:1]:
+        raise ValueError(
+            f"usage_counts must have shape ({codebook.shape[0]},), one per code; got "
+            f"{tuple(usage_counts.shape)}."
+        )
     n, m = z_e.shape[0], codebook.shape[0]
     picks = jax.random.choice(key, n, (m,), replace=n < m)
     dead = usage_counts < threshold
@@ -455,7 +487,8 @@ def vqvae_loss(
 
 def vqvae_sample(key: Array, params: VQVAEParams, *, model: VQVAE, num: int) -> Array:
     """Draws ``num`` code tuples uniformly and x ~ p(x | z_q) for each, shape (num, d)."""
-    k_idx, k_x = jax.random.split(key)
+    num = _checks.check_positive_int(num, name="num")
+    k_idx, k_x = jax.random.split(_checks.as_key(key))
     codebook = params.vq["params"]["codebook"]
     idx = jax.random.randint(k_idx, (num, model.groups), 0, codebook.shape[0])
     z = codebook[idx].reshape(num, -1)
