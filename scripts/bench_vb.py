@@ -120,9 +120,9 @@ def bench_lda(args, name, x, k, method, passes):
     prior = lda.LDAPrior(1.0 / k, 1.0 / k)
     xj, lj = jnp.asarray(x), jnp.asarray(lam0)
     if method == "batch":
-        compiled = lda.fit_batch.lower(lj, xj, prior, max_iter=passes).compile()
+        compiled = lda._fit_batch.lower(lj, xj, prior, max_iter=passes).compile()
     else:
-        compiled = lda.fit_online.lower(lj, xj, prior, max_iter=passes, batch_size=128).compile()
+        compiled = lda._fit_online.lower(lj, xj, prior, max_iter=passes, batch_size=128).compile()
     ours = _time(lambda: compiled(lj, xj, prior), 1 if x.shape[0] > 10_000 else args.repeats)
     res = compiled(lj, xj, prior)
     est = LatentDirichletAllocation(

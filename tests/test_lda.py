@@ -98,3 +98,163 @@ def test_doc_term_loader_and_bad_input():
     for kappa in (0.5, 1.2):
         with pytest.raises(ValueError, match="learning_decay"):
             lda.fit(key, dense, 2, method="online", learning_decay=kappa)
+
+
+# ---------------------------------------------------------------------------------------
+# Fixed topics: mean-field optimum and the amortized logistic-normal encoder
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_corpus():
+    """6 documents of 3-12 words over 4 words, 2 fixed topics (float64), alpha = 0.5."""
+    rng = np.random.default_rng(3)
+    topics = rng.dirichlet(np.ones(4), size=2)
+    x = rng.multinomial(1, [0.25] * 4, size=(6, 12)).sum(axis=1).astype(np.float64)
+    x[0] = [3, 0, 0, 0]
+    x[1] = [0, 1, 1, 1]
+    return x, topics, 0.5
+
+
+def _exact_log_evidence(x, topics, alpha):
+    """log p(w | alpha, beta) with theta ~ Beta(alpha, alpha) (k = 2), by adaptive quadrature
+    with the Beta weight handled exactly (quad's algebraic weight, so the endpoint
+    singularities of alpha < 1 cost no accuracy)."""
+    from scipy import integrate, special
+
+    out = []
+    for doc in x:
+
+        def lik(t, doc=doc):
+            return np.prod((t * topics[0] + (1 - t) * topics[1]) ** doc)
+
+        val, err = integrate.quad(
+            lik, 0, 1, weight="alg", wvar=(alpha - 1, alpha - 1), epsabs=0, epsrel=1e-12
+        )
+        assert err < 1e-10 * val
+        out.append(np.log(val) - special.betaln(alpha, alpha))
+    return np.array(out)
+
+
+def _numpy_mean_field(x, topics, gamma, alpha):
+    """Blei et al.'s per-document bound with optimal phi, written out in NumPy/SciPy."""
+    from scipy.special import digamma, gammaln
+
+    k = topics.shape[0]
+    e = digamma(gamma) - digamma(gamma.sum(1, keepdims=True))
+    phi = np.exp(e)[:, :, None] * topics[None]  # (n, k, v), unnormalised
+    z = phi.sum(1, keepdims=True)
+    phi = phi / z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        token = np.where(phi > 0, phi * (e[:, :, None] + np.log(topics)[None] - np.log(phi)), 0.0)
+    tokens = np.sum(x[:, None, :] * token, axis=(1, 2))
+    theta = (
+        gammaln(k * alpha)
+        - k * gammaln(alpha)
+        + ((alpha - 1) * e).sum(1)
+        - (gammaln(gamma.sum(1)) - gammaln(gamma).sum(1) + ((gamma - 1) * e).sum(1))
+    )
+    return tokens + theta
+
+
+def test_amortized_and_mean_field_bound_the_exact_evidence():
+    x, topics, alpha = _tiny_corpus()
+    log_p = _exact_log_evidence(x, topics, alpha)
+
+    # Mean field at the per-document optimum: its formula is the NumPy one (to rounding,
+    # 1e-10 relative) and it is below log p(w) (deterministic; the quadrature's error is
+    # < 1e-10 relative).
+    gamma, mf = lda.doc_bound(topics, x, alpha)
+    mf = np.asarray(mf)
+    want = _numpy_mean_field(x, topics, np.asarray(gamma), alpha)
+    np.testing.assert_allclose(mf, want, rtol=1e-10)
+    assert np.all(mf <= log_p + 1e-9)
+
+    # The encoder: training raises its ELBO (the loss is -ELBO per word, one 4-draw
+    # estimate per step: the first 30 steps' mean against the last 30's, 4 standard errors
+    # apart, the error from the spread of each window), and its ELBO is below log p(w) per
+    # document (1000 draws per document, 4 standard errors).
+    fit = lda.fit_amortized(
+        jax.random.key(0),
+        topics,
+        x,
+        alpha,
+        hidden=(8,),
+        num_steps=300,
+        learning_rate=1e-2,
+        num_samples=4,
+    )
+    losses = np.asarray(fit.losses)
+    first, last = losses[:30], losses[-30:]
+    se = np.sqrt(first.var(ddof=1) / 30 + last.var(ddof=1) / 30)
+    assert first.mean() - last.mean() > 4 * se
+    after, se1 = (
+        np.asarray(v) for v in lda.amortized_elbo(jax.random.key(1), fit, topics, x, alpha)
+    )
+    assert np.all(after <= log_p + 4 * se1)
+
+    # The density the bound uses is the density of q: importance sampling with q as the
+    # proposal recovers log p(w) (a missing Jacobian would shift it), within 5 delta-method
+    # standard errors of the log of the mean weight.
+    mean, scale = fit.encoder.apply(fit.params, lda._features(jnp.asarray(x)))
+    s = 20_000
+    eps = jax.random.normal(jax.random.key(2), (s, *mean.shape), mean.dtype)
+    log_joint, log_q = lda._ln_terms(
+        eps, mean[None], scale[None], jnp.asarray(topics), jnp.asarray(x)[None], jnp.asarray(alpha)
+    )
+    log_w = np.asarray(log_joint - log_q)
+    w = np.exp(log_w - log_w.max(0))
+    is_est = np.log(w.mean(0)) + log_w.max(0)
+    is_se = w.std(0) / (np.sqrt(s) * w.mean(0))
+    assert np.all(np.abs(is_est - log_p) < 5 * is_se + 1e-12)
+
+    # The per-document optimum of the same family is above the encoder, up to MC error.
+    g = lda.amortization_gap(
+        jax.random.key(3), fit, topics, x, alpha, num_samples=500, refine_steps=100
+    )
+    assert g.amortization_gap > -4 * g.amortization_gap_se
+    assert g.gap_vs_mean_field == pytest.approx(g.mean_field - g.amortized)
+
+
+def test_amortized_runs_in_float32():
+    x, true = lda.bars_corpus(0, 40)  # float32 counts
+    fit = lda.fit_amortized(jax.random.key(0), true, x, 1.0, hidden=(8,), num_steps=5)
+    assert fit.losses.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(fit.losses)))
+
+
+def test_bad_input_to_the_other_entry_points():
+    x = np.array([[1.0, 0, 2], [0, 3, 0]])
+    lam = np.ones((2, 3))
+    prior = lda.LDAPrior(0.5, 0.5)
+    for fn in (lda.fit_batch, lda.fit_online, lda.perplexity):
+        with pytest.raises(ValueError, match="negative"):
+            fn(lam, -x, prior)
+        with pytest.raises(ValueError, match="empty document"):
+            fn(lam, np.array([[1.0, 0, 2], [0, 0, 0]]), prior)
+        with pytest.raises(ValueError, match="topic_word must have shape"):
+            fn(np.ones((2, 4)), x, prior)
+        with pytest.raises(ValueError, match="finite and > 0"):
+            fn(-lam, x, prior)
+        with pytest.raises(ValueError, match="alpha"):
+            fn(lam, x, lda.LDAPrior(0.0, 0.5))
+        with pytest.raises(ValueError, match="eta"):
+            fn(lam, x, lda.LDAPrior(0.5, -1.0))
+    for kappa in (0.5, 0.2, 1.01, float("nan")):
+        with pytest.raises(ValueError, match="learning_decay"):
+            lda.fit_online(lam, x, prior, learning_decay=kappa)
+    with pytest.raises(ValueError, match="learning_offset"):
+        lda.fit_online(lam, x, prior, learning_offset=-1.0)
+    with pytest.raises(ValueError, match="mean_change_tol"):
+        lda.fit_batch(lam, x, prior, mean_change_tol=float("nan"))
+    # kappa = 1 is inside (0.5, 1]: accepted.
+    assert np.isfinite(float(lda.fit_online(lam, x, prior, learning_decay=1.0, max_iter=1).elbo))
+    topics = np.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="non-integer"):
+        lda.doc_bound(topics, x + 0.5, 0.5)
+    with pytest.raises(ValueError, match="doc_topic_prior"):
+        lda.doc_bound(topics, x, 0.0)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        lda.fit_amortized(jax.random.key(0), 2 * topics, x, 0.5)
+    with pytest.raises(ValueError, match="doc_topic_prior"):
+        lda.fit_amortized(jax.random.key(0), topics, x, -1.0)
+    with pytest.raises(ValueError, match="empty document"):
+        lda.fit_amortized(jax.random.key(0), topics, np.zeros((2, 3)), 0.5)
