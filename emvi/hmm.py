@@ -84,6 +84,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.scipy.special import gammaln, xlogy
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Key
@@ -260,6 +261,9 @@ class _NoCentring:
     """What emissions without a location share: the data are not centred (no shift of the
     parameters or prior) and there is no default prior."""
 
+    def responsibilities(self, p, obs, q):
+        return q
+
     def shift(self, p, shift):
         return p
 
@@ -359,6 +363,10 @@ class Gaussian:
         p = gmm.from_unconstrained(raw, covariance_type=self.covariance_type)
         return GaussianParams(p.means, p.covariances)
 
+    def responsibilities(self, p, obs: GaussianObs, q: Array) -> Array:
+        """The responsibilities the mixture statistics take: the state marginals q (N, k)."""
+        return q
+
     def shift(self, p: GaussianParams, shift: Array) -> GaussianParams:
         return p._replace(means=p.means + shift[None, :])
 
@@ -396,6 +404,139 @@ class Gaussian:
                 f"got shape {x.shape}."
             )
         return _float_array(x)
+
+
+class GaussianMixtureParams(NamedTuple):
+    """Gaussian-mixture emission parameters: M components per state.
+
+    Attributes:
+      weights: (k, M) :math:`c_{jm}`, rows sum to one.
+      means: (k, M, d).
+      covariances: (k, M, d, d) full, (k, M, d) diag, (k, M) spherical.
+    """
+
+    weights: Float[Array, "k mix"]
+    means: Float[Array, "k mix d"]
+    covariances: Float[Array, "..."]
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianMixture(Gaussian):
+    r"""Gaussian-mixture emissions (GMM-HMM): :math:`b_j(x) = \sum_m c_{jm}
+    \mathcal N(x; \mu_{jm}, \Sigma_{jm})`, M = ``num_mix`` components per state.
+
+    The k·M components are one :mod:`emvi.gmm` mixture: the densities are
+    :func:`emvi.gmm.log_joint`, and the statistics are :func:`emvi.gmm.expected_stats` with
+    the responsibilities :math:`\gamma_t(j)\, r_t(j, m)`, the state marginal times the
+    within-state component responsibility :math:`r_t(j, m) = c_{jm}\mathcal N(x_t;
+    \mu_{jm}, \Sigma_{jm}) / b_j(x_t)` (:meth:`responsibilities`), so the M-step is
+    :func:`emvi.gmm.m_step` (means, covariances, ``reg_covar``) with the weights renormalised
+    within each state, :math:`c_{jm} = N_{jm} / \sum_{m'} N_{jm'}`. Covariance types:
+    ``"full"``, ``"diag"``, ``"spherical"`` (a covariance tied within each state is not the
+    mixture's tied type, and is not offered). ``hyper`` is an :class:`emvi.gmm.GMMHyper`.
+
+    Those statistics depend on the parameters (through r), so the model has no
+    ``expected_stats`` for an arbitrary chain q: the exact E-step and both M-steps after it
+    (EM, generalised EM) are available, the closed M-step after a local or amortized q is not.
+    """
+
+    num_mix: int = 2
+
+    def __post_init__(self):
+        _checks.check_choice(
+            self.covariance_type, name="covariance_type", choices=("full", "diag", "spherical")
+        )
+        _checks.check_positive_int(self.num_mix, name="num_mix")
+
+    def _flat(self, p: GaussianMixtureParams) -> gmm.GMMParams:
+        k, m = p.weights.shape
+        cov = p.covariances.reshape(k * m, *p.covariances.shape[2:])
+        return gmm.GMMParams(p.weights.reshape(-1), p.means.reshape(k * m, -1), cov)
+
+    def _unflat(self, g: gmm.GMMParams, weights: Array) -> GaussianMixtureParams:
+        k, m = weights.shape
+        cov = g.covariances.reshape(k, m, *g.covariances.shape[1:])
+        return GaussianMixtureParams(weights, g.means.reshape(k, m, -1), cov)
+
+    def _log_joint(self, p: GaussianMixtureParams, obs: GaussianObs) -> Array:
+        """(N, k, M) :math:`\\log c_{jm} + \\log \\mathcal N(x; \\mu_{jm}, \\Sigma_{jm})`."""
+        lj = gmm.log_joint(self._flat(p), obs.x, covariance_type=self.covariance_type)
+        return lj.reshape(lj.shape[0], *p.weights.shape)
+
+    def log_likelihood(self, p: GaussianMixtureParams, obs: GaussianObs) -> Array:
+        return jax.nn.logsumexp(self._log_joint(p, obs), axis=-1)
+
+    def responsibilities(self, p: GaussianMixtureParams, obs: GaussianObs, q: Array) -> Array:
+        """(N, k·M) :math:`\\gamma_t(j) r_t(j, m)` from the state marginals q (N, k)."""
+        r = jax.nn.softmax(self._log_joint(p, obs), axis=-1)
+        return (q[:, :, None] * r).reshape(q.shape[0], -1)
+
+    def m_step(self, stats: gmm.GMMStats, hyper) -> GaussianMixtureParams:
+        new = gmm.m_step(stats, hyper, covariance_type=self.covariance_type)
+        weights = _normalise_rows(stats.counts.reshape(-1, self.num_mix))
+        return self._unflat(new, weights)
+
+    def log_prior(self, p: GaussianMixtureParams, hyper) -> Array:
+        flat = self._flat(p)._replace(weights=jnp.ones(p.weights.size, p.weights.dtype))
+        return gmm.log_prior(flat, hyper, covariance_type=self.covariance_type)
+
+    def sample(self, key: Array, p: GaussianMixtureParams, z: Array) -> Array:
+        key_m, key_x = jax.random.split(key)
+        comp = jax.random.categorical(key_m, jnp.log(p.weights)[z])
+        flat = self._flat(p)
+        gauss = Gaussian(self.covariance_type)
+        return gauss.sample(
+            key_x, GaussianParams(flat.means, flat.covariances), z * self.num_mix + comp
+        )
+
+    def init(self, key: Array, x: Array, w: Array, k: int, hyper) -> GaussianMixtureParams:
+        """k·M k-means clusters of the valid steps, M to a state, uniform weights."""
+        g = gmm.initial_params(
+            key,
+            x,
+            w,
+            hyper,
+            num_components=k * self.num_mix,
+            covariance_type=self.covariance_type,
+            init="kmeans",
+        )
+        return self._unflat(g, jnp.full((k, self.num_mix), 1.0 / self.num_mix, x.dtype))
+
+    def to_unconstrained(self, p: GaussianMixtureParams) -> GaussianMixtureParams:
+        u = gmm.to_unconstrained(self._flat(p), covariance_type=self.covariance_type)
+        return self._unflat(u, jnp.log(p.weights))
+
+    def from_unconstrained(self, u: GaussianMixtureParams) -> GaussianMixtureParams:
+        p = gmm.from_unconstrained(self._flat(u), covariance_type=self.covariance_type)
+        return self._unflat(p, jax.nn.softmax(u.weights, axis=-1))
+
+    def shift(self, p: GaussianMixtureParams, shift: Array) -> GaussianMixtureParams:
+        return p._replace(means=p.means + shift[None, None, :])
+
+    def check_params(self, p: Any, k: int, d: int, dtype) -> GaussianMixtureParams:
+        if not isinstance(p, GaussianMixtureParams):
+            raise ValueError(
+                f"init.emission must be a GaussianMixtureParams; got {type(p).__name__}."
+            )
+        m = self.num_mix
+        weights = np.asarray(p.weights, np.float64)
+        means = np.asarray(p.means, np.float64)
+        if weights.shape != (k, m):
+            raise ValueError(
+                f"init.emission.weights must have shape ({k}, {m}); got {weights.shape}."
+            )
+        _check_stochastic(weights, "init.emission.weights", dtype)
+        if means.ndim != 3 or means.shape[:2] != (k, m):
+            raise ValueError(
+                f"init.emission.means must have shape ({k}, {m}, {d}); got {means.shape}."
+            )
+        if means.shape[2] != d:
+            raise ValueError(
+                f"init.emission.means has dimension {means.shape[2]} but the data have {d}."
+            )
+        flat = self._flat(GaussianMixtureParams(weights / k, means, np.asarray(p.covariances)))
+        checked = gmm._check_params(flat, k * m, d, self.covariance_type, dtype)
+        return self._unflat(checked, jnp.asarray(weights, dtype))
 
 
 def _float_array(x: np.ndarray) -> np.ndarray:
@@ -939,7 +1080,9 @@ def e_step(
         msg.log_filtered, msg.log_backward, jnp.log(params.transition), lb, pair_w
     )
     k = gamma.shape[-1]
-    em_stats = emission.expected_stats(gamma.reshape(-1, k), _flat(data.obs), step_w.reshape(-1))
+    obs = _flat(data.obs)
+    resp = emission.responsibilities(params.emission, obs, gamma.reshape(-1, k))
+    em_stats = emission.expected_stats(resp, obs, step_w.reshape(-1))
     # a zero-weight sequence may be impossible under the model (log p = -inf): it adds 0
     ll = jnp.sum(jnp.where(w > 0, w * msg.log_likelihood, 0.0))
     return HMMStats(initial, trans, em_stats), ll
@@ -971,7 +1114,17 @@ def log_prob(params: HMMParams, data: HMMData, *, emission, parallel: bool = Fal
 
 
 def expected_stats(q: HMMPosterior, data: HMMData, weights: Float[Array, " n"], *, emission):
-    """The statistics :func:`e_step` returns, for an arbitrary chain ``q`` (its marginals)."""
+    """The statistics :func:`e_step` returns, for an arbitrary chain ``q`` (its marginals).
+
+    Raises:
+      ValueError: for :class:`GaussianMixture` emissions, whose statistics also need the
+        within-state component responsibilities (parameter-dependent; see :func:`e_step`).
+    """
+    if isinstance(emission, GaussianMixture):
+        raise ValueError(
+            "expected_stats needs the component responsibilities of GaussianMixture "
+            "emissions, which depend on the parameters; use e_step(params, data, weights)."
+        )
     dtype = q.marginals.dtype
     w = weights.astype(dtype)
     step_w = w[:, None] * data.mask.astype(dtype)
@@ -1254,7 +1407,9 @@ def model(emission, *, parallel: bool = False) -> em.ExactModel:
         posterior=functools.partial(posterior, parallel=parallel, **kw),
         elbo=functools.partial(elbo, **kw),
         prepare=functools.partial(prepare, **kw),
-        expected_stats=functools.partial(expected_stats, **kw),
+        expected_stats=None
+        if isinstance(emission, GaussianMixture)
+        else functools.partial(expected_stats, **kw),
         to_unconstrained=functools.partial(to_unconstrained, **kw),
         from_unconstrained=functools.partial(from_unconstrained, **kw),
         log_prior=functools.partial(log_prior, **kw),
@@ -1356,6 +1511,176 @@ def sample(
     z = jnp.concatenate([z0[None], zs], axis=0).T
     x = emission.sample(key_x, params.emission, z)
     return x, z
+
+
+def permute_states(params: HMMParams, order: ArrayLike, *, emission) -> HMMParams:
+    """The same HMM with state ``order[j]`` renamed j: :math:`\\pi' = \\pi[o]`,
+    :math:`A' = A[o][:, o]` and every emission array with a state axis indexed by o (a tied
+    covariance has none)."""
+    o = jnp.asarray(order)
+    e = params.emission
+    if isinstance(emission, Gaussian) and emission.covariance_type == "tied":
+        e = e._replace(means=e.means[o])
+    else:
+        e = jax.tree_util.tree_map(lambda a: a[o], e)
+    return HMMParams(params.initial[o], params.transition[o][:, o], e)
+
+
+def match_states(params: HMMParams, reference: HMMParams) -> np.ndarray:
+    """The order of ``params``' states that best matches ``reference``'s: the assignment
+    (Hungarian, :func:`scipy.optimize.linear_sum_assignment`) minimising the summed squared
+    distances between the first emission arrays (means, probabilities or rates), so that
+    ``permute_states(params, order)`` has ``reference``'s labels (label switching undone).
+
+    Example:
+      >>> ref = HMMParams(jnp.ones(2) / 2, jnp.eye(2), PoissonParams(jnp.array([[1.0], [5.0]])))
+      >>> fitted = ref._replace(emission=PoissonParams(jnp.array([[4.8], [1.1]])))
+      >>> match_states(fitted, ref).tolist()
+      [1, 0]
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a = np.asarray(jax.tree_util.tree_leaves(params.emission)[0], np.float64)
+    b = np.asarray(jax.tree_util.tree_leaves(reference.emission)[0], np.float64)
+    cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    return rows[np.argsort(cols)]
+
+
+def recovery_errors(
+    fitted: HMMParams, true: HMMParams, *, emission
+) -> tuple[dict[str, float], np.ndarray]:
+    """Largest absolute error of each parameter array of ``fitted`` against ``true``, after
+    :func:`match_states` has undone label switching.
+
+    Returns:
+      ``(errors, order)``: a dict from field name (``initial``, ``transition``, then the
+      emission's fields, e.g. ``means``, ``covariances``) to ``max |fitted - true|``, and the
+      order of :func:`match_states` (fitted state ``order[j]`` is true state j).
+    """
+    order = match_states(fitted, true)
+    p = permute_states(fitted, order, emission=emission)
+    names = ("initial", "transition", *type(p.emission)._fields)
+    pairs = zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(true), strict=True)
+    errors = {
+        name: float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+        for name, (a, b) in zip(names, pairs, strict=True)
+    }
+    return errors, order
+
+
+class RecoveryReport(NamedTuple):
+    """How well a fit recovers known parameters (:func:`recovery_report`).
+
+    Attributes:
+      max_abs_error: field name -> largest absolute error (:func:`recovery_errors`).
+      state_accuracy: fraction of valid steps whose Viterbi state (under the fit, in the
+        true labels) is the true state.
+      true_log_likelihood: mean log p(x) per sequence under the true parameters.
+      params: the fit with its states renamed to the true labels.
+      paths: (n, t) Viterbi paths in the true labels, -1 on padded steps.
+    """
+
+    max_abs_error: dict
+    state_accuracy: float
+    true_log_likelihood: float
+    params: HMMParams
+    paths: np.ndarray
+
+
+def recovery_report(
+    fitted: HMMParams,
+    true: HMMParams,
+    x: Any,
+    states: ArrayLike,
+    lengths: ArrayLike | None = None,
+    *,
+    emission,
+) -> RecoveryReport:
+    """Compares a fit with the parameters that generated ``x`` (and its states), label
+    switching undone by :func:`match_states`: parameter errors, Viterbi state accuracy and
+    the true parameters' log-likelihood."""
+    errors, order = recovery_errors(fitted, true, emission=emission)
+    data = as_data(x, lengths, emission=emission)
+    mask = np.asarray(data.mask)
+    path = np.asarray(viterbi(fitted, data, emission=emission)[0])
+    path = np.where(mask, np.argsort(order)[path], -1)
+    accuracy = float(np.mean(path[mask] == np.asarray(states)[mask]))
+    true_ll = float(np.mean(np.asarray(log_prob(true, data, emission=emission))))
+    aligned = permute_states(fitted, order, emission=emission)
+    return RecoveryReport(errors, accuracy, true_ll, aligned, path)
+
+
+def inference_gaps(
+    key: Key[Array, ""],
+    params: HMMParams,
+    q: HMMPosterior,
+    batch: estep.Batch,
+    local_steps: dict[str, estep.EStep] | None = None,
+    *,
+    emission,
+) -> dict[str, np.ndarray]:
+    r"""Per-sequence gaps :math:`\log p(x) - \mathrm{ELBO}(q)` of a chain q (an encoder's),
+    and of q after each local E-step started from it (semi-amortized; Kim et al., 2018).
+
+    The sequence version of :func:`emvi.grid.gap_decomposition`: the chain family holds the
+    exact posterior, so a converged local E-step's gap is 0 and the encoder's whole gap is
+    its amortization gap (Cremer et al., 2018). Both ELBOs are exact (no sampling).
+
+    Args:
+      key: a typed PRNG key for the local steps.
+      params: the HMM.
+      q: a chain q for ``batch`` (e.g. ``amortized.q_of(variables, batch)``).
+      batch: from :func:`make_batch`.
+      local_steps: names -> :func:`emvi.estep.local` E-steps of :func:`model` (emission).
+      emission: the emission object.
+
+    Returns:
+      A dict of (n,) NumPy arrays: ``"amortized"`` for q itself, then one per local step.
+    """
+    key = _checks.as_key(key)
+    local_steps = local_steps or {}
+    names, steps = tuple(local_steps), tuple(local_steps.values())
+    gaps = _gaps(key, params, q, batch, steps=steps, emission=emission)
+    return {name: np.asarray(g) for name, g in zip(("amortized", *names), gaps, strict=True)}
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "emission"))
+def _gaps(key, params, q, batch, *, steps, emission):
+    """One program: log p(x) - ELBO of q and of q after each local E-step in ``steps``."""
+    mdl = model(emission)
+    ll = log_prob(params, batch.data, emission=emission)
+    qs = [q] + [estep.ascend_from(key, step, q, params, batch)[0] for step in steps]
+    return [ll - mdl.elbo(params, qq, batch.data) for qq in qs]
+
+
+def fit_chain_encoder(
+    key: Key[Array, ""],
+    params: HMMParams,
+    batch: estep.Batch,
+    *,
+    emission,
+    hidden: tuple[int, ...] = (32, 32),
+    num_steps: int = 1000,
+    learning_rate: float = 1e-3,
+) -> tuple[estep.EStep, estep.GradientEState]:
+    r"""Trains a :class:`ChainEncoder` as the amortized E-step of a fixed HMM: ``num_steps``
+    full-batch Adam steps on the mean ELBO of ``batch`` (jitted, one ``lax.scan``).
+
+    Returns:
+      ``(amortized, state)``: the :func:`emvi.estep.amortized` E-step and its state; the
+      encoder's q for any batch from :func:`make_batch` is
+      ``amortized.q_of(state.variables, batch)``.
+    """
+    key = _checks.as_key(key)
+    num_steps = _checks.check_positive_int(num_steps, name="num_steps")
+    encoder = ChainEncoder(int(params.initial.shape[0]), hidden=tuple(hidden))
+    amortized = estep.amortized(
+        model(emission), encoder, optimizer=optax.adam(learning_rate), num_steps=num_steps
+    )
+    state = jax.jit(amortized.init)(key, params, batch)
+    state, _ = jax.jit(amortized.step)(key, state, params, batch)
+    return amortized, state
 
 
 # ---------------------------------------------------------------------------------------
@@ -1542,7 +1867,8 @@ def init_params(
     step_w = (weights[:, None] * data.mask.astype(dtype)).reshape(-1)
     obs = _flat(data.obs)
     if init == "random":
-        e = jax.random.exponential(key_e, (step_w.shape[0], k), dtype)
+        per_state = getattr(emission, "num_mix", 1)  # a GMM emission's components
+        e = jax.random.exponential(key_e, (step_w.shape[0], k * per_state), dtype)
         q = e / jnp.sum(e, axis=1, keepdims=True)
         eparams = emission.m_step(emission.expected_stats(q, obs, step_w), hyper.emission)
     else:

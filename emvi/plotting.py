@@ -342,3 +342,95 @@ def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
     ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     return fig
+
+
+def train_test_figure(
+    rows, x: str, metric: str, *, err: str = "test_stderr", test_label: str = "held out"
+):
+    """A figure of a training curve (circles) and a held-out curve with error bars
+    (squares) from a sweep's rows (dicts, e.g. one per number of states): ``x`` against
+    ``train_<metric>`` and ``test_<metric>`` ± ``err``.
+
+    Returns:
+      The matplotlib figure (its axis is ``fig.axes[0]``; write it with :func:`save`).
+    """
+    col = {key: [r[key] for r in rows] for key in (x, f"train_{metric}", f"test_{metric}", err)}
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
+    ax.plot(col[x], col[f"train_{metric}"], "o-", label="train")
+    ax.errorbar(col[x], col[f"test_{metric}"], yerr=col[err], fmt="s-", label=test_label, capsize=3)
+    ax.legend()
+    return fig
+
+
+def image_state_strips(images, paths, titles, *, num_states: int, ylabel: str = ""):
+    """A figure of 2-D images (top row) above the discrete state of each of their rows
+    (bottom row: a coloured strip, each cell numbered), e.g. the Viterbi path of an HMM that
+    reads each image row by row.
+
+    Args:
+      images: (m, rows, cols).
+      paths: (m, rows) integer states in [0, num_states).
+      titles: m titles of the images.
+      num_states: the number of colours.
+      ylabel: label of the first strip.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    plt = pyplot()
+    m = len(images)
+    fig, axes = plt.subplots(2, m, figsize=(1.3 * m, 3.2), squeeze=False)
+    cmap = plt.get_cmap("tab20", num_states)
+    for i in range(m):
+        axes[0, i].imshow(images[i], cmap="gray_r")
+        axes[0, i].set_title(titles[i], fontsize=8)
+        strip = np.asarray(paths[i])[:, None]
+        axes[1, i].imshow(strip, cmap=cmap, vmin=-0.5, vmax=num_states - 0.5, aspect=0.25)
+        for r, s in enumerate(strip[:, 0]):
+            axes[1, i].text(0, r, str(s), ha="center", va="center", fontsize=7)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[1, 0].set_ylabel(ylabel, fontsize=8)
+    return fig
+
+
+def decoded_states_figure(
+    x,
+    states,
+    decoded,
+    true_means,
+    fitted_means,
+    *,
+    title: str = "",
+    scatter_title: str = "sequence 1 (colour = true state)",
+):
+    """A figure of one 2-D sequence with known states: left, its points coloured by true
+    state with the true (x) and fitted (+) means; right, the true and the decoded state
+    against time (the decoded one raised by 0.1 so both show).
+
+    Args:
+      x: (t, 2) observations.
+      states, decoded: (t,) true and decoded states (decoded in the true labels).
+      true_means, fitted_means: (k, 2).
+      title: of the right panel; scatter_title: of the left one.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    fig, (a0, a1) = pyplot().subplots(
+        1, 2, figsize=(10, 3.5), gridspec_kw=dict(width_ratios=[1, 2])
+    )
+    a0.scatter(x[:, 0], x[:, 1], c=states, cmap="tab10", vmin=0, vmax=9, s=6)
+    a0.scatter(*np.asarray(true_means).T, marker="x", c="k", s=60, label="true means")
+    a0.scatter(*np.asarray(fitted_means).T, marker="+", c="r", s=80, label="fitted means")
+    a0.legend(fontsize=7)
+    a0.set_title(scatter_title, fontsize=9)
+    steps = np.arange(np.size(states))
+    a1.step(steps, states, where="mid", label="true state")
+    a1.step(steps, np.asarray(decoded) + 0.1, where="mid", label="Viterbi (fitted, +0.1)")
+    a1.set_title(title, fontsize=9)
+    a1.set_xlabel("t")
+    a1.set_yticks(np.arange(len(true_means)))
+    a1.legend(fontsize=7)
+    return fig
