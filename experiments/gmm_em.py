@@ -327,16 +327,9 @@ def plot(workdir) -> list[Path]:
     ]
     for ax, (title, w, m, c, labels, grey) in zip(axes, panels, strict=True):
         ax.scatter(x[:, 0], x[:, 1], c=[f"C{j}" for j in labels], s=3, alpha=0.35, lw=0)
-        for j in range(len(w)):
-            for nsig, ls in ((1, "-"), (2, "--")):
-                plotting.covariance_ellipse(ax, m[j], c[j], nsig, color="k", lw=1.2, ls=ls)
-                if grey is not None:
-                    plotting.covariance_ellipse(
-                        ax, grey[1][j], grey[2][j], nsig, color="0.6", lw=0.8, ls=ls
-                    )
-            ax.annotate(
-                f"w={w[j]:.2f}", m[j], textcoords="offset points", xytext=(6, 6), fontsize=9
-            )
+        plotting.mixture_ellipses(ax, w, m, c, lw=1.2)
+        if grey is not None:
+            plotting.mixture_ellipses(ax, *grey, annotate=False, color="0.6", lw=0.8)
         ax.set_title(title)
         ax.set_aspect("equal")
     fig.suptitle(

@@ -101,3 +101,18 @@ def test_em_trace_figure_has_one_column_per_trace_and_shades_the_zoom(tmp_path):
     fig = plotting.em_trace_figure(traces, zoom=4, start=0)
     assert fig.axes[0].get_title().startswith("first\niterations 0-3")
     assert plotting.save(fig, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_mixture_ellipses_draws_two_ellipses_per_component_and_the_weights():
+    weights = np.array([0.25, 0.75])
+    means = np.array([[0.0, 0.0], [3.0, 1.0]])
+    covs = np.stack([np.eye(2), np.diag([4.0, 1.0])])
+    fig, ax = plt.subplots()
+    plotting.mixture_ellipses(ax, weights, means, covs, lw=0.8)
+    assert len(ax.patches) == 4 and [t.get_text() for t in ax.texts] == ["w=0.25", "w=0.75"]
+    # Component 1 at 2 sigma: axes 2 * 2 * sqrt(4) = 8 and 2 * 2 * 1 = 4, dashed.
+    assert (ax.patches[3].width, ax.patches[3].height) == pytest.approx((8.0, 4.0))
+    assert ax.patches[3].get_linestyle() == "--" and ax.patches[2].get_linestyle() == "-"
+    plotting.mixture_ellipses(ax, weights, means, covs, annotate=False, color="0.6")
+    assert len(ax.patches) == 8 and len(ax.texts) == 2
+    plt.close(fig)
