@@ -235,3 +235,216 @@ def mixture_ellipses(
             covariance_ellipse(ax, m, c, num_sigma, ls=ls, **kwargs)
         if annotate:
             ax.annotate(f"w={w:.2f}", m, textcoords="offset points", xytext=(6, 6), fontsize=9)
+
+
+def image_rows_figure(rows, *, cell: tuple[float, float] = (0.9, 1.0)):
+    """A figure of labelled rows of flattened square images (topics, say), one image per axis.
+
+    Args:
+      rows: mapping from a row label to its images, shape (num, side**2); every row gets
+        as many columns as the first has images. Each image is scaled to its own range.
+      cell: (width, height) of one image, in inches.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    first = len(next(iter(rows.values())))
+    fig, axes = pyplot().subplots(
+        len(rows), first, figsize=(first * cell[0], len(rows) * cell[1]), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows.items()):
+        image_panels(axes[r], images, vmin=None, vmax=None)
+        axes[r, 0].set_ylabel(label)
+    return fig
+
+
+def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
+    """A figure of several curves of values against their rank (1, 2, ...), e.g. the sorted
+    mixture weights of several fits; ``series`` maps a legend label to its values, already
+    in rank order. ``log``: a log-scale y axis.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    for label, values in series.items():
+        ax.plot(np.arange(1, len(values) + 1), values, "o-", label=label)
+    ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return fig
+
+
+def show_images(
+    ax,
+    images: np.ndarray,
+    rows: int | None = None,
+    cols: int | None = None,
+    *,
+    title: str | None = None,
+    ylabel: str | None = None,
+    row_labels=None,
+    col_labels=None,
+    background: float = 0.3,
+    fontsize: int = 9,
+) -> None:
+    """Draws flattened square images as one grid on ``ax`` (``gray_r``, values 0 to 1).
+
+    ``rows`` and ``cols`` default to :func:`square_grid`'s layout. With ``ylabel``,
+    ``row_labels`` or ``col_labels`` the axis keeps its frame and the labels sit at the
+    image centres; otherwise it is switched off.
+
+    Args:
+      ax: a matplotlib axis.
+      images: shape (num, side**2).
+      rows, cols: grid size (both or neither).
+      title, ylabel: the axis's title and y-label.
+      row_labels, col_labels: one tick label per grid row / column.
+      background: value of the borders (see :func:`image_grid`).
+      fontsize: of the title.
+    """
+    images = np.asarray(images)
+    if rows is None or cols is None:
+        grid = square_grid(images, background=background)
+    else:
+        grid = image_grid(images, rows, cols, background=background)
+    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+    if ylabel is None and row_labels is None and col_labels is None:
+        ax.axis("off")
+        return
+    side = round(math.sqrt(images.shape[-1])) + 1
+    for set_ticks, labels in ((ax.set_xticks, col_labels), (ax.set_yticks, row_labels)):
+        labels = [] if labels is None else list(labels)
+        set_ticks([side * i + side / 2 - 1 for i in range(len(labels))], labels, fontsize=7)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, rotation=0, ha="right", va="center")
+
+
+def image_rows_figure(rows, *, cell: tuple[float, float] = (0.9, 1.0)):
+    """A figure of labelled rows of flattened square images (topics, say), one image per axis.
+
+    Args:
+      rows: mapping from a row label to its images, shape (num, side**2); every row gets
+        as many columns as the first has images. Each image is scaled to its own range.
+      cell: (width, height) of one image, in inches.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    first = len(next(iter(rows.values())))
+    fig, axes = pyplot().subplots(
+        len(rows), first, figsize=(first * cell[0], len(rows) * cell[1]), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows.items()):
+        image_panels(axes[r], images, vmin=None, vmax=None)
+        axes[r, 0].set_ylabel(label)
+    return fig
+
+
+def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
+    """A figure of several curves of values against their rank (1, 2, ...), e.g. the sorted
+    mixture weights of several fits; ``series`` maps a legend label to its values, already
+    in rank order. ``log``: a log-scale y axis.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    for label, values in series.items():
+        ax.plot(np.arange(1, len(values) + 1), values, "o-", label=label)
+    ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return fig
+
+
+def train_test_figure(
+    rows, x: str, metric: str, *, err: str = "test_stderr", test_label: str = "held out"
+):
+    """A figure of a training curve (circles) and a held-out curve with error bars
+    (squares) from a sweep's rows (dicts, e.g. one per number of states): ``x`` against
+    ``train_<metric>`` and ``test_<metric>`` ± ``err``.
+
+    Returns:
+      The matplotlib figure (its axis is ``fig.axes[0]``; write it with :func:`save`).
+    """
+    col = {key: [r[key] for r in rows] for key in (x, f"train_{metric}", f"test_{metric}", err)}
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
+    ax.plot(col[x], col[f"train_{metric}"], "o-", label="train")
+    ax.errorbar(col[x], col[f"test_{metric}"], yerr=col[err], fmt="s-", label=test_label, capsize=3)
+    ax.legend()
+    return fig
+
+
+def image_state_strips(images, paths, titles, *, num_states: int, ylabel: str = ""):
+    """A figure of 2-D images (top row) above the discrete state of each of their rows
+    (bottom row: a coloured strip, each cell numbered), e.g. the Viterbi path of an HMM that
+    reads each image row by row.
+
+    Args:
+      images: (m, rows, cols).
+      paths: (m, rows) integer states in [0, num_states).
+      titles: m titles of the images.
+      num_states: the number of colours.
+      ylabel: label of the first strip.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    plt = pyplot()
+    m = len(images)
+    fig, axes = plt.subplots(2, m, figsize=(1.3 * m, 3.2), squeeze=False)
+    cmap = plt.get_cmap("tab20", num_states)
+    for i in range(m):
+        axes[0, i].imshow(images[i], cmap="gray_r")
+        axes[0, i].set_title(titles[i], fontsize=8)
+        strip = np.asarray(paths[i])[:, None]
+        axes[1, i].imshow(strip, cmap=cmap, vmin=-0.5, vmax=num_states - 0.5, aspect=0.25)
+        for r, s in enumerate(strip[:, 0]):
+            axes[1, i].text(0, r, str(s), ha="center", va="center", fontsize=7)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[1, 0].set_ylabel(ylabel, fontsize=8)
+    return fig
+
+
+def decoded_states_figure(
+    x,
+    states,
+    decoded,
+    true_means,
+    fitted_means,
+    *,
+    title: str = "",
+    scatter_title: str = "sequence 1 (colour = true state)",
+):
+    """A figure of one 2-D sequence with known states: left, its points coloured by true
+    state with the true (x) and fitted (+) means; right, the true and the decoded state
+    against time (the decoded one raised by 0.1 so both show).
+
+    Args:
+      x: (t, 2) observations.
+      states, decoded: (t,) true and decoded states (decoded in the true labels).
+      true_means, fitted_means: (k, 2).
+      title: of the right panel; scatter_title: of the left one.
+
+    Returns:
+      The matplotlib figure (write it with :func:`save`).
+    """
+    fig, (a0, a1) = pyplot().subplots(
+        1, 2, figsize=(10, 3.5), gridspec_kw=dict(width_ratios=[1, 2])
+    )
+    a0.scatter(x[:, 0], x[:, 1], c=states, cmap="tab10", vmin=0, vmax=9, s=6)
+    a0.scatter(*np.asarray(true_means).T, marker="x", c="k", s=60, label="true means")
+    a0.scatter(*np.asarray(fitted_means).T, marker="+", c="r", s=80, label="fitted means")
+    a0.legend(fontsize=7)
+    a0.set_title(scatter_title, fontsize=9)
+    steps = np.arange(np.size(states))
+    a1.step(steps, states, where="mid", label="true state")
+    a1.step(steps, np.asarray(decoded) + 0.1, where="mid", label="Viterbi (fitted, +0.1)")
+    a1.set_title(title, fontsize=9)
+    a1.set_xlabel("t")
+    a1.set_yticks(np.arange(len(true_means)))
+    a1.legend(fontsize=7)
+    return fig
