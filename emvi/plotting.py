@@ -448,3 +448,42 @@ def decoded_states_figure(
     a1.set_yticks(np.arange(len(true_means)))
     a1.legend(fontsize=7)
     return fig
+
+
+def gap_bars(ax, labels, approximation, amortization, closed=None) -> None:
+    r"""Stacked bars of an inference-gap split (Cremer et al., 2018), one bar per label:
+    the approximation gap (grey) under the amortization gap (red), so each bar's top is
+    :math:`\log p(x) - \mathrm{ELBO}(q_\phi)`, with an optional narrow green bar from the
+    same base for the part of the amortization gap that a refinement ``closed`` (NaN
+    entries are not drawn). A negative approximation gap (rounding) is drawn below zero
+    but does not lower the stack.
+    """
+    approx, amort = np.asarray(approximation, float), np.asarray(amortization, float)
+    pos, bottom = np.arange(len(labels)), np.maximum(approx, 0.0)
+    ax.bar(pos, approx, color="0.6", label="approximation gap (measured)")
+    ax.bar(pos, amort, bottom=bottom, color="C3", label="amortization gap")
+    if closed is not None and not np.all(np.isnan(np.asarray(closed, float))):
+        label = "closed by the semi-amortized refinement"
+        ax.bar(pos, closed, bottom=bottom, color="C2", width=0.4, label=label)
+    ax.set_xticks(pos, labels, fontsize=6, rotation=40)
+    ax.set_ylim(0.0, 1.4 * max(float(np.max(bottom + amort, initial=0.0)), 1e-12))
+    ax.set_ylabel("nats per example")
+
+
+def time_traces(ax, traces, marks=None) -> None:
+    """Draws each ``(time, value)`` trace against time on a log axis (the first point, at
+    time 0, is left out), with a dot at ``marks[label]`` (a time) on its trace, e.g. when it
+    first came within a tolerance of its final value.
+
+    Args:
+      ax: a matplotlib axis.
+      traces: mapping from a label to ``(times, values)``, equal lengths, times rising.
+      marks: mapping from a label to a time (labels missing: no dot).
+    """
+    for i, (label, (t, y)) in enumerate(traces.items()):
+        t, y = np.asarray(t, float), np.asarray(y, float)
+        ax.plot(t[1:], y[1:], color=f"C{i}", label=label, lw=1.5)
+        if marks and label in marks:
+            hit = min(np.searchsorted(t, marks[label]), len(y) - 1)
+            ax.plot([marks[label]], [y[hit]], "o", color=f"C{i}", ms=5)
+    ax.set_xscale("log")

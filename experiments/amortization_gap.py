@@ -331,20 +331,18 @@ def plot(workdir) -> list[Path]:
     workdir = Path(workdir)
     results = json.loads((workdir / "results.json").read_text())
     names = [d for d in DATASETS if d in results]
-    colours = {label: f"C{i}" for i, label in enumerate(CORNER_RUNS)}
     paths = []
 
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         entry = results[name]
-        for label, row in entry["corners"].items():
-            t = np.asarray(row["history"]["wall_time"], float)
-            ll = np.asarray(row["history"]["log_likelihood"], float)
-            ax.plot(t[1:], ll[1:], color=colours.get(label), label=label, lw=1.5)
-            hit = min(np.searchsorted(t, row["time_to_tolerance_s"]), len(ll) - 1)
-            ax.plot([row["time_to_tolerance_s"]], [ll[hit]], "o", color=colours.get(label), ms=5)
-        ax.set_xscale("log")
-        finals = [row["train_log_likelihood"] for row in entry["corners"].values()]
+        corners = entry["corners"]
+        traces = {
+            k: (r["history"]["wall_time"], r["history"]["log_likelihood"])
+            for k, r in corners.items()
+        }
+        plotting.time_traces(ax, traces, {k: r["time_to_tolerance_s"] for k, r in corners.items()})
+        finals = [row["train_log_likelihood"] for row in corners.values()]
         top, spread = max(finals), max(max(finals) - min(finals), 0.5)
         ax.set_ylim(top - 3.0 * spread, top + 0.2 * spread)
         ax.set_xlabel("wall time of the jitted steps (s, log scale)")
@@ -364,21 +362,11 @@ def plot(workdir) -> list[Path]:
         )
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (gaps, title) in zip(axes[0], panels, strict=True):
-        bars = [
-            (f"{label}\n{s}", by_split[s]) for label, by_split in gaps.items() for s in by_split
-        ]
-        approx = np.array([float(g["approximation_gap"]) for _, g in bars])
-        amort = np.array([float(g["amortization_gap"]) for _, g in bars])
+        bars = [(f"{label}\n{s}", split[s]) for label, split in gaps.items() for s in split]
+        approx = [float(g["approximation_gap"]) for _, g in bars]
         closed = [g.get("elbo_semi_amortized", np.nan) - g["elbo_amortized"] for _, g in bars]
-        pos, bottom = np.arange(len(bars)), np.maximum(approx, 0.0)
-        ax.bar(pos, approx, color="0.6", label="approximation gap (measured)")
-        ax.bar(pos, amort, bottom=bottom, color="C3", label="amortization gap")
-        if not np.all(np.isnan(closed)):
-            label = "closed by the semi-amortized refinement"
-            ax.bar(pos, closed, bottom=bottom, color="C2", width=0.4, label=label)
-        ax.set_xticks(pos, [b for b, _ in bars], fontsize=6, rotation=40)
-        ax.set_ylim(0.0, 1.4 * max(float(np.max(bottom + amort, initial=0.0)), 1e-12))
-        ax.set_ylabel("nats per example")
+        amort = [float(g["amortization_gap"]) for _, g in bars]
+        plotting.gap_bars(ax, [b for b, _ in bars], approx, amort, closed)
         ax.set_xlabel(
             f"approximation gap (measured): max |.| = {max(np.abs(approx), default=0):.1e} nats",
             fontsize=8,

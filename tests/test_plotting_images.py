@@ -20,3 +20,28 @@ def test_show_images_draws_the_image_grid_and_places_labels_at_centres():
     np.testing.assert_allclose(b.get_yticks(), [1.5, 6.5])
     assert [t.get_text() for t in b.get_yticklabels()] == ["r0", "r1"]
     plt.close(fig)
+
+
+def test_gap_bars_stack_the_amortization_gap_on_the_approximation_gap():
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots()
+    plotting.gap_bars(ax, ["a", "b"], [0.5, -1e-9], [1.0, 2.0], [0.25, np.nan])
+    approx, amort, closed = (list(c) for c in ax.containers)
+    assert [p.get_height() for p in approx] == [0.5, -1e-9]
+    # The stack starts at max(approximation, 0): a negative rounding gap does not lower it.
+    assert [(p.get_y(), p.get_height()) for p in amort] == [(0.5, 1.0), (0.0, 2.0)]
+    assert closed[0].get_y() == 0.5 and closed[0].get_height() == 0.25
+    assert ax.get_ylim() == (0.0, 1.4 * 2.0)
+    plt.close(fig)
+
+
+def test_time_traces_drop_time_zero_and_mark_the_given_time():
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots()
+    t, y = [0.0, 1.0, 2.0, 3.0], [-5.0, -2.0, -1.5, -1.4]
+    plotting.time_traces(ax, {"em": (t, y)}, {"em": 2.0})
+    line, dot = ax.lines
+    np.testing.assert_array_equal(line.get_xdata(), t[1:])
+    assert list(dot.get_xdata()) == [2.0] and list(dot.get_ydata()) == [-1.5]
+    assert ax.get_xscale() == "log"
+    plt.close(fig)
