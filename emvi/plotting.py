@@ -321,43 +321,6 @@ def show_images(
         ax.set_ylabel(ylabel, rotation=0, ha="right", va="center")
 
 
-def image_rows_figure(rows, *, cell: tuple[float, float] = (0.9, 1.0)):
-    """A figure of labelled rows of flattened square images (topics, say), one image per axis.
-
-    Args:
-      rows: mapping from a row label to its images, shape (num, side**2); every row gets
-        as many columns as the first has images. Each image is scaled to its own range.
-      cell: (width, height) of one image, in inches.
-
-    Returns:
-      The matplotlib figure (write it with :func:`save`).
-    """
-    first = len(next(iter(rows.values())))
-    fig, axes = pyplot().subplots(
-        len(rows), first, figsize=(first * cell[0], len(rows) * cell[1]), squeeze=False
-    )
-    for r, (label, images) in enumerate(rows.items()):
-        image_panels(axes[r], images, vmin=None, vmax=None)
-        axes[r, 0].set_ylabel(label)
-    return fig
-
-
-def ranked_values_figure(series, *, xlabel: str, ylabel: str, log: bool = True):
-    """A figure of several curves of values against their rank (1, 2, ...), e.g. the sorted
-    mixture weights of several fits; ``series`` maps a legend label to its values, already
-    in rank order. ``log``: a log-scale y axis.
-
-    Returns:
-      The matplotlib figure (write it with :func:`save`).
-    """
-    fig, ax = pyplot().subplots(figsize=(6, 3.5))
-    for label, values in series.items():
-        ax.plot(np.arange(1, len(values) + 1), values, "o-", label=label)
-    ax.set(yscale="log" if log else "linear", xlabel=xlabel, ylabel=ylabel)
-    ax.legend()
-    return fig
-
-
 def train_test_figure(
     rows, x: str, metric: str, *, err: str = "test_stderr", test_label: str = "held out"
 ):
