@@ -160,6 +160,25 @@ def as_array(x, *, name: str, ndim: int | None = None, min_ndim: int | None = No
     return x
 
 
+def check_columns(x, dim: int, *, name: str = "x", what: str = "the params") -> None:
+    """Data given to a scoring function (``log_prob``, ``posterior``, ...): 2-D with ``dim``
+    columns to match ``what`` (static, so also under ``jit``), and finite when concrete
+    (NaN rows would otherwise score NaN, or silently land in some component)."""
+    shape = tuple(jnp.shape(x))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D with shape (n, {dim}); got shape {shape}.")
+    if shape[1] != dim:
+        raise ValueError(f"{name} has {shape[1]} columns but {what} have {dim}.")
+    if is_concrete(x):
+        bad = ~np.isfinite(np.asarray(x))
+        if bad.any():
+            raise ValueError(
+                f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf)"
+                f"{_describe_bad(bad)}; score observed entries with observed_log_prob, or "
+                "impute them first."
+            )
+
+
 def check_positive_array(x, *, name: str, what: str = "") -> None:
     """For a concrete array: every entry > 0 (traced arrays are not checked)."""
     if is_concrete(x) and not bool(np.all(np.asarray(x) > 0)):

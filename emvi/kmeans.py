@@ -99,6 +99,7 @@ def kmeans_plusplus_indices(
 
     ``k`` is static; ``w`` are non-negative weights, not all zero.
     """
+    key = _checks.as_key(key)
     num_trials = 2 + int(math.log(k))
     key_first, key_rest = jax.random.split(key)
     by_weight = jnp.log(jnp.where(w > 0, w, 1.0))

@@ -248,6 +248,11 @@ def _log_prob_from_parts(params, post_mean, chol, c) -> Array:
     return -0.5 * (c.shape[1] * _LOG_2PI + log_det + maha)
 
 
+def _check_scoring(params: LinearGaussianParams, x) -> None:
+    """x matches the params' d columns; finite when concrete (see _checks.check_columns)."""
+    _checks.check_columns(x, params.mean.shape[-1], what="the params (mean, loadings)")
+
+
 def log_prob(params: LinearGaussianParams, x: Float[Array, "n d"]) -> Float[Array, " n"]:
     r""":math:`\log \mathcal N(x_i \mid \mu, W W^\top + \Psi)` in O(n d l + d l^2).
 
@@ -265,6 +270,7 @@ def log_prob(params: LinearGaussianParams, x: Float[Array, "n d"]) -> Float[Arra
     Returns:
       Shape (n,).
     """
+    _check_scoring(params, x)
     post_mean, _, chol, c = _posterior_parts(params, x)
     return _log_prob_from_parts(params, post_mean, chol, c)
 
@@ -282,6 +288,7 @@ def posterior(params: LinearGaussianParams, x: Float[Array, "n d"]) -> GaussianP
     Returns:
       A :class:`GaussianPosterior`, means (n, l) and covariances (n, l, l).
     """
+    _check_scoring(params, x)
     m, cov, _, _ = _posterior_parts(params, x)
     return GaussianPosterior(m, jnp.broadcast_to(cov, (x.shape[0], *cov.shape)))
 
@@ -291,6 +298,7 @@ def log_joint(
 ) -> Float[Array, "*s n"]:
     r""":math:`\log p(x_i, z) = \log \mathcal N(x_i \mid W z + \mu, \Psi) + \log \mathcal N(z
     \mid 0, I)` at latent points z of shape (..., n, l), for Monte Carlo estimators."""
+    _check_scoring(params, x)
     psi = _psi(params)
     lead = (1,) * (z.ndim - 2)
     c = (x - params.mean[None, :]).reshape(*lead, *x.shape)
@@ -324,6 +332,7 @@ def elbo(
     Returns:
       Shape (n,).
     """
+    _check_scoring(params, x)
     w, psi = params.loadings, _psi(params)
     d, l_ = w.shape
     c = x - params.mean[None, :]

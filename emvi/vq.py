@@ -561,6 +561,7 @@ def fit_vqvae(
       ValueError: on bad arguments; ``emvi.train.TrainingDivergedError`` when an epoch's
         mean loss is not finite.
     """
+    key = _checks.as_key(key)
     from emvi import runs, train
 
     num_epochs = _checks.check_positive_int(num_epochs, name="num_epochs")

@@ -703,3 +703,46 @@ def test_mmd_unbiased_is_shift_invariant_far_from_the_origin(dtype, offset):
     # means sum ~2500 terms (pairwise, error ~log2(2500) = 11 ulps): 50 ulps in all.
     assert abs(got - want) < 50 * np.finfo(dtype).eps, (got, want)
     assert want > 0.05  # a real difference, well above the tolerance
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring functions: data columns against the params, NaN rows
+# ---------------------------------------------------------------------------------------
+
+
+def _lg_params():
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(20, 3)))
+    return linear_gaussian.init_params(jax.random.key(0), x, 1, noise="diagonal")
+
+
+def _bm_params():
+    return bernoulli_mixture.BernoulliMixtureParams(jnp.full(2, 0.5), jnp.full((2, 3), 0.3))
+
+
+SCORING = {
+    "linear_gaussian.log_prob": lambda x: linear_gaussian.log_prob(_lg_params(), x),
+    "linear_gaussian.posterior": lambda x: linear_gaussian.posterior(_lg_params(), x),
+    "linear_gaussian.log_joint": lambda x: linear_gaussian.log_joint(
+        _lg_params(), x, jnp.zeros((x.shape[0], 1))
+    ),
+    "bernoulli_mixture.log_prob": lambda x: bernoulli_mixture.log_prob(_bm_params(), x),
+    "bernoulli_mixture.posterior": lambda x: bernoulli_mixture.posterior(_bm_params(), x),
+    "gmm.log_prob": lambda x: gmm.log_prob(GMM_P, x, covariance_type="diag"),
+    "gmm.predict": lambda x: gmm.predict(GMM_P, x, covariance_type="diag"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORING))
+@pytest.mark.parametrize("columns", [1, 2, 4])
+def test_scoring_checks_columns_against_the_params(name, columns):
+    x = jnp.asarray((np.random.default_rng(8).random((5, columns)) > 0.5).astype(np.float64))
+    with pytest.raises(ValueError, match=r"columns|must have shape \(num_points, 3\)"):
+        SCORING[name](x)
+
+
+@pytest.mark.parametrize("name", sorted(SCORING))
+def test_scoring_refuses_nan_rows(name):
+    x = jnp.asarray((np.random.default_rng(8).random((5, 3)) > 0.5).astype(np.float64))
+    SCORING[name](x)  # well formed: scores
+    with pytest.raises(ValueError, match="NaN"):
+        SCORING[name](x.at[2, 1].set(jnp.nan))
