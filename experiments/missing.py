@@ -156,10 +156,10 @@ def main(cfg: Config) -> dict:
     started = time.perf_counter()
     key = jax.random.key(cfg.seed)
     xtr, ytr, xte, yte = _split(cfg)
-    rng = np.random.default_rng(cfg.seed)
     results = {"data": f"digits 0..16, {len(xtr)} train / {len(xte)} test", "missing": {}}
     with runs.MetricsLog(workdir) as log:
         for frac in cfg.fractions:
+            rng = np.random.default_rng([cfg.seed, round(1000 * frac)])  # same mask in any run
             xtr_n, xte_n = _remove(rng, xtr, frac), _remove(rng, xte, frac)
             rows, examples = _missing_rows(cfg, key, xte, xtr_n, xte_n, log)
             results["missing"][str(frac)] = rows
