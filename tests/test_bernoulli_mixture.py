@@ -505,7 +505,7 @@ _P0 = bm.BernoulliMixtureParams(np.array([0.5, 0.5]), np.full((2, 3), 0.5))
 @pytest.mark.parametrize(
     ("x", "kwargs", "match"),
     [
-        (np.array([[0.0, 1.0], [np.nan, 0.0]]), {}, "non-finite"),
+        (np.array([[0.0, 1.0], [np.inf, 0.0]]), {}, "non-finite"),  # NaN means missing
         (np.array([0.0, 1.0, 1.0]), {}, "2-D"),
         (np.array([[0.0, 2.0], [1.0, 0.0]]), {}, r"\[0, 1\]"),
         (np.array([[0.0, -0.5], [1.0, 0.0]]), {}, r"\[0, 1\]"),

@@ -201,7 +201,7 @@ def test_sample_matches_model_moments():
 @pytest.mark.parametrize(
     ("x", "kwargs", "match"),
     [
-        (np.array([[0.0, 1.0, 2.0], [np.nan, 0.0, 1.0]]), {}, "non-finite"),
+        (np.array([[0.0, 1.0, 2.0], [np.inf, 0.0, 1.0]]), {}, "non-finite"),  # NaN: missing
         (np.ones(5), {}, "2-D"),
         (np.ones((4, 3)), {}, "constant"),
         (np.eye(3), {"latent_dim": 0}, "latent_dim"),

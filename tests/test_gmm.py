@@ -388,7 +388,8 @@ X_OK = _blobs(5, n=20)
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"x": np.array([[0.0, np.nan, 1.0]] * 5)}, "non-finite"),
+        # NaN marks a missing entry (marginalised); a column with none observed is refused.
+        ({"x": np.array([[0.0, np.nan, 1.0]] * 5)}, "no observed entry in column"),
         ({"x": np.array([[0.0, np.inf, 1.0]] * 5)}, "non-finite"),
         ({"x": np.zeros(5)}, "2-D"),
         ({"num_components": 0}, ">= 1"),
