@@ -8,8 +8,15 @@ The model, for a sequence :math:`x_{1:T}` with hidden states :math:`z_t \in \{1.
 
 with the emission :math:`b_j` a Gaussian (:class:`Gaussian`, all four covariance types of
 :mod:`emvi.gmm`), a categorical (:class:`Categorical`), a product of Bernoullis
-(:class:`Bernoulli`, the components of :mod:`emvi.bernoulli_mixture`) or a product of
-Poissons (:class:`Poisson`).
+(:class:`Bernoulli`, the components of :mod:`emvi.bernoulli_mixture`), a product of
+Poissons (:class:`Poisson`) or a Gaussian mixture per state (:class:`GaussianMixture`,
+the GMM-HMM).
+
+**In the grid.** Besides the exact face, the model has a q bijection: a chain-structured
+:math:`q(z_{1:T})` given by per-step unary and pairwise log-potentials, normalised exactly
+by forward-backward (:func:`chain_posterior`), so its ELBO is exact; a
+:class:`ChainEncoder` outputs those potentials (the amortized E-step), a free array of them
+per sequence is the local one (:func:`make_batch` builds the grid's batch).
 
 **E-step** (forward-backward, in log space). With :math:`\ell_t(j) = \log b_j(x_t)`, the
 filtered marginals :math:`\hat\alpha_t(j) = p(z_t = j \mid x_{1:t})` and the one-step
@@ -1529,8 +1536,10 @@ def permute_states(params: HMMParams, order: ArrayLike, *, emission) -> HMMParam
 def match_states(params: HMMParams, reference: HMMParams) -> np.ndarray:
     """The order of ``params``' states that best matches ``reference``'s: the assignment
     (Hungarian, :func:`scipy.optimize.linear_sum_assignment`) minimising the summed squared
-    distances between the first emission arrays (means, probabilities or rates), so that
-    ``permute_states(params, order)`` has ``reference``'s labels (label switching undone).
+    distances between the emission means (flattened per state; else the first emission
+    arrays: probabilities, rates), so that ``permute_states(params, order)`` has
+    ``reference``'s labels (label switching undone; a GMM-HMM's components within a state
+    are not reordered).
 
     Example:
       >>> ref = HMMParams(jnp.ones(2) / 2, jnp.eye(2), PoissonParams(jnp.array([[1.0], [5.0]])))
@@ -1540,8 +1549,13 @@ def match_states(params: HMMParams, reference: HMMParams) -> np.ndarray:
     """
     from scipy.optimize import linear_sum_assignment
 
-    a = np.asarray(jax.tree_util.tree_leaves(params.emission)[0], np.float64)
-    b = np.asarray(jax.tree_util.tree_leaves(reference.emission)[0], np.float64)
+    def locations(p):  # the means if the emission has them, else its first array
+        e = p.emission
+        arr = e.means if hasattr(e, "means") else jax.tree_util.tree_leaves(e)[0]
+        arr = np.asarray(arr, np.float64)
+        return arr.reshape(arr.shape[0], -1)
+
+    a, b = locations(params), locations(reference)
     cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
     rows, cols = linear_sum_assignment(cost)
     return rows[np.argsort(cols)]
@@ -1965,7 +1979,8 @@ def fit(
       key: typed PRNG key (the initialisation).
       x: (n, t, d) padded sequences (categorical: (n, t) integer symbols).
       num_states: k >= 1.
-      emission: ``hmm.Gaussian(covariance_type)``, ``hmm.Categorical(num_symbols)``,
+      emission: ``hmm.Gaussian(covariance_type)``, ``hmm.GaussianMixture(covariance_type,
+        num_mix=M)``, ``hmm.Categorical(num_symbols)``,
         ``hmm.Bernoulli()``, ``hmm.Poisson()``, or one of the names ``"gaussian"`` (full),
         ``"categorical"`` (symbols 0..max), ``"bernoulli"``, ``"poisson"``.
       lengths: (n,) valid length of each sequence (1 <= length <= t); None: all t.

@@ -25,6 +25,9 @@ def test_hmm_experiment_smoke(tmp_path):
         decode_examples=3,
         synthetic_sequences=6,
         synthetic_max_length=40,
+        gap_steps=5,
+        gap_hidden=(4,),
+        refine_steps=2,
     )
     results = exp.main(cfg)
     run = cfg.workdir
@@ -37,7 +40,18 @@ def test_hmm_experiment_smoke(tmp_path):
     assert 0.0 <= syn["viterbi_state_accuracy"] <= 1.0
     assert all(math.isfinite(v) for v in syn["max_abs_error"].values())
     assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert len(read_metrics(run)) == 2
+    gap = results["gap"]
+    assert gap["states"] == 2
+    for split in ("train", "test"):
+        row = gap[split]
+        assert set(row) == {
+            f"gap_{name}{suffix}"
+            for name in ("amortized", "refined_2", "local_converged")
+            for suffix in ("", "_stderr")
+        }
+        # log p(x) - ELBO >= 0 for every q (1e-9: float64 sums over 60 or 297 digits)
+        assert row["gap_amortized"] >= row["gap_local_converged"] >= -1e-9
+    assert len(read_metrics(run)) == 4
     for fig in exp.FIGURES:
         (run / fig).unlink()
     written = exp.plot(run)
