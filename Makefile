@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.emvi-installed
 WORKDIR ?= runs/main
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup main test test-all lint format bench clean
+.PHONY: setup main test test-slow test-all lint format bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m "not slow"
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -p no:cacheprovider --doctest-modules emvi docs/examples
 
-## Every test, the slow experiment smoke tests included (about 14 min on 2 cores).
+## Only the slow tier (tests marked slow, or listed in tests/slow.txt); CI runs it after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m slow
+
+## Every test, the slow tier included.
 test-all: $(STAMP)
 	$(BIN)/ruff check emvi experiments scripts tests docs
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q

@@ -35,3 +35,30 @@ settings.load_profile("emvi")
 def rng():
     """A NumPy generator with a fixed seed, fresh for each test."""
     return np.random.default_rng(0)
+
+
+# The slow tier: tests listed in tests/slow.txt (node ids; an entry ending in '[' or '::'
+# stands for every test under it) get the ``slow`` mark, as if decorated with
+# ``@pytest.mark.slow``. ``make test`` (the README's command) skips them, ``make test-slow``
+# runs only them (CI runs both), ``make test-all`` runs every test. The file says how its
+# entries were chosen (measured duration) and how to regenerate it.
+_SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow.txt")
+
+
+def _slow_entries() -> tuple[str, ...]:
+    if not os.path.exists(_SLOW_LIST):
+        return ()
+    with open(_SLOW_LIST) as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return tuple(line for line in lines if line)
+
+
+def pytest_collection_modifyitems(config, items):
+    entries = () if os.environ.get("EMVI_IGNORE_SLOW_LIST") else _slow_entries()
+    if not entries:
+        return
+    exact = set(entries)
+    groups = tuple(e for e in entries if e.endswith(("[", "::")))
+    for item in items:
+        if item.nodeid in exact or (groups and item.nodeid.startswith(groups)):
+            item.add_marker(pytest.mark.slow)
