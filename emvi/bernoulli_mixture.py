@@ -620,14 +620,6 @@ def masked_model() -> em.ExactModel:
     )
 
 
-def _masked_input(params: BernoulliMixtureParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed, for_fit=False)
-    values = jnp.asarray(values)
-    _check_data(params, values)
-    mask = np.ones(values.shape, bool) if mask is None else mask
-    return values, jnp.asarray(mask, values.dtype)
-
-
 def observed_log_prob(params: BernoulliMixtureParams, x, observed=None) -> Float[Array, " n"]:
     r"""Log-probability of the observed pixels of each image,
     :math:`\log \sum_k \pi_k \prod_{j \in O_i} \mu_{kj}^{x_{ij}} (1 - \mu_{kj})^{1 - x_{ij}}`.
@@ -643,7 +635,7 @@ def observed_log_prob(params: BernoulliMixtureParams, x, observed=None) -> Float
       >>> float(observed_log_prob(p, np.array([[1.0, np.nan]]))[0])  # log 0.25
       -1.386...
     """
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(x, observed, lambda v: _check_data(params, v))
     return jax.nn.logsumexp(_masked_log_joint(params, values, obs), axis=1)
 
 
@@ -660,7 +652,7 @@ def impute(params: BernoulliMixtureParams, x, observed=None) -> Float[Array, "n 
       >>> [round(v, 3) for v in impute(p, np.array([[1.0, np.nan]]))[0].tolist()]
       [1.0, 0.74]
     """
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(x, observed, lambda v: _check_data(params, v))
     r = _safe_softmax(_masked_log_joint(params, values, obs))
     return jnp.where(obs > 0, values, r @ params.probs)
 

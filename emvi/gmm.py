@@ -1045,14 +1045,6 @@ def masked_model(covariance_type: str) -> em.ExactModel:
     )
 
 
-def _masked_input(params: GMMParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed, for_fit=False)
-    values = jnp.asarray(values)
-    _check_points(params, values)
-    mask = np.ones(values.shape, bool) if mask is None else mask
-    return values, jnp.asarray(mask, values.dtype)
-
-
 def observed_log_prob(
     params: GMMParams, x: ArrayLike, observed: ArrayLike | None = None, *, covariance_type: str
 ) -> Float[Array, " n"]:
@@ -1073,7 +1065,7 @@ def observed_log_prob(
       -0.918...
     """
     ct = _check_type(covariance_type)
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(x, observed, lambda v: _check_points(params, v))
     lj, _, _ = _masked_parts(params, values, obs, ct, moments=False)
     return jax.nn.logsumexp(lj, axis=1)
 
@@ -1097,7 +1089,7 @@ def impute(
       [2.0, 1.0]
     """
     ct = _check_type(covariance_type)
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(x, observed, lambda v: _check_points(params, v))
     lj, xhat, _ = _masked_parts(params, values, obs, ct, moments=True)
     resp = jax.nn.softmax(lj, axis=1)
     return jnp.where(obs > 0, values, jnp.einsum("nk,nkd->nd", resp, xhat))

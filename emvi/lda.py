@@ -586,6 +586,7 @@ def topic_recovery(learned: ArrayLike, true: ArrayLike) -> tuple[float, np.ndarr
 
 def init_topics(key: Key[Array, ""], num_topics: int, vocab_size: int, dtype=jnp.float32):
     """Random initial :math:`\\lambda` ~ Gamma(100, 1/100) (scikit-learn's initialisation)."""
+    key = _checks.as_key(key)
     return jax.random.gamma(key, 100.0, (num_topics, vocab_size), dtype) / 100.0
 
 
@@ -926,6 +927,7 @@ def fit_amortized(
       >>> fit.losses.shape
       (20,)
     """
+    key = _checks.as_key(key)
     arr = as_doc_term(x)
     beta = _check_topics(topics, arr.shape[1])
     k = beta.shape[0]
@@ -971,6 +973,7 @@ def amortized_elbo(
 ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
     """The encoder's ELBO of each document (nats; :func:`fit_amortized`'s objective), by
     ``num_samples`` draws: ``(mean, standard error)``, each (n,)."""
+    key = _checks.as_key(key)
     arr = as_doc_term(x)
     beta = _check_topics(topics, arr.shape[1])
     alpha = check_positive(doc_topic_prior, name="doc_topic_prior")
@@ -1090,6 +1093,7 @@ def amortization_gap(
       >>> bool(g.refined > g.amortized)
       True
     """
+    key = _checks.as_key(key)
     arr = as_doc_term(x)
     beta = _check_topics(topics, arr.shape[1])
     alpha = check_positive(doc_topic_prior, name="doc_topic_prior")

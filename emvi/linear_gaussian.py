@@ -722,15 +722,6 @@ def masked_model(noise: str) -> em.ExactModel:
     )
 
 
-def _masked_input(params: LinearGaussianParams, x, observed) -> tuple[Array, Array]:
-    values, mask = missing.check_observed(x, observed, for_fit=False)
-    d = params.mean.shape[0]
-    if values.shape[1] != d:
-        raise ValueError(f"x has {values.shape[1]} columns but the params have {d}.")
-    mask = np.ones(values.shape, bool) if mask is None else mask
-    return jnp.asarray(values), jnp.asarray(mask, values.dtype)
-
-
 def observed_log_prob(params: LinearGaussianParams, x, observed=None) -> Float[Array, " n"]:
     r""":math:`\log \mathcal N(x_{i,O} \mid \mu_O, (W W^\top + \Psi)_{OO})` of each point's
     observed coordinates (missing where ``x`` is NaN or ``observed`` is False; see
@@ -744,7 +735,9 @@ def observed_log_prob(params: LinearGaussianParams, x, observed=None) -> Float[A
       >>> float(observed_log_prob(p, np.array([[0.0, np.nan]]))[0])  # log N(0 | 0, 2)
       -1.265...
     """
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(
+        x, observed, lambda v: _checks.check_columns(v, params.mean.shape[0])
+    )
     m, _, chol, c = _masked_posterior_parts(params, values, obs)
     return _masked_log_prob_from_parts(params, obs, m, chol, c)
 
@@ -762,7 +755,9 @@ def impute(params: LinearGaussianParams, x, observed=None) -> Float[Array, "n d"
       >>> [round(v, 4) for v in impute(p, np.array([[2.0, np.nan]]))[0].tolist()]  # 2 * 1 / 2
       [2.0, 1.0]
     """
-    values, obs = _masked_input(params, x, observed)
+    values, obs = missing.scoring_input(
+        x, observed, lambda v: _checks.check_columns(v, params.mean.shape[0])
+    )
     m, _, _, _ = _masked_posterior_parts(params, values, obs)
     return jnp.where(obs > 0, values, m @ params.loadings.T + params.mean[None, :])
 

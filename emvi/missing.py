@@ -290,3 +290,18 @@ def fixed_responsibilities(model: em.ExactModel) -> em.ExactModel:
         prepare=prepare,
         expected_stats=lambda q, data, w: inner.expected_stats(q, data.data, w),
     )
+
+
+def scoring_input(x, observed, check_columns) -> tuple[Array, Array]:
+    """Data to score under fitted params, missing entries allowed: ``(values, mask)``.
+
+    ``x`` and ``observed`` are validated as by :func:`check_observed` (a column with no
+    observed entry is allowed here: nothing is estimated from it); ``check_columns(values)``
+    is the model's check of the data against its params (raises ``ValueError``). ``mask``
+    is the observed mask in the dtype of ``values``, all ones when nothing is missing.
+    """
+    values, mask = check_observed(x, observed, for_fit=False)
+    values = jnp.asarray(values)
+    check_columns(values)
+    mask = np.ones(values.shape, bool) if mask is None else mask
+    return values, jnp.asarray(mask, values.dtype)
