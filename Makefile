@@ -21,7 +21,7 @@ setup: $(STAMP)
 main: $(STAMP)
 	$(BIN)/python experiments/em_vs_vi.py --workdir $(WORKDIR) --overwrite
 
-## The whole test suite (lint first: a style error fails CI as a test would), then the
+## The test suite less its slow tier (lint first: a style error fails CI as a test would), then the
 ## docstring examples of the library, run as a user would (JAX defaults: float32, no x64).
 test: $(STAMP)
 	$(BIN)/ruff check emvi experiments scripts tests docs
