@@ -419,7 +419,8 @@ class GaussianMixtureParams(NamedTuple):
     Attributes:
       weights: (k, M) :math:`c_{jm}`, rows sum to one.
       means: (k, M, d).
-      covariances: (k, M, d, d) full, (k, M, d) diag, (k, M) spherical.
+      covariances: (k, M, d, d) full, (k, d, d) tied (one :math:`\\Sigma_j` per state,
+        shared by its M components), (k, M, d) diag, (k, M) spherical.
     """
 
     weights: Float[Array, "k mix"]
@@ -439,8 +440,23 @@ class GaussianMixture(Gaussian):
     \mu_{jm}, \Sigma_{jm}) / b_j(x_t)` (:meth:`responsibilities`), so the M-step is
     :func:`emvi.gmm.m_step` (means, covariances, ``reg_covar``) with the weights renormalised
     within each state, :math:`c_{jm} = N_{jm} / \sum_{m'} N_{jm'}`. Covariance types:
-    ``"full"``, ``"diag"``, ``"spherical"`` (a covariance tied within each state is not the
-    mixture's tied type, and is not offered). ``hyper`` is an :class:`emvi.gmm.GMMHyper`.
+    ``"full"``, ``"diag"``, ``"spherical"`` (per component) and ``"tied"``, hmmlearn's
+    ``GMMHMM`` tied type: the M components of state j share one full :math:`\Sigma_j`
+    (covariances (k, d, d)). Its M-step is :func:`emvi.gmm.m_step`'s tied type applied to
+    each state's M components (vmapped over states): with the scatter
+    :math:`S_{jm} = M_{jm} - \tilde N_{jm} \bar x_{jm} \bar x_{jm}^\top` of component (j, m)
+    about its new mean,
+
+    .. math::
+        \Sigma_j = \frac{\sum_m S_{jm}}{\sum_m \tilde N_{jm}} + \lambda I, \qquad
+        \Sigma_j = \frac{\Psi_0 + \sum_m (S_{jm} + \rho_{jm} \delta_{jm} \delta_{jm}^\top)}
+            {\nu_0 + \sum_m \tilde N_{jm} + M + d + 1} + \lambda I \;(\text{MAP}),
+
+    the MAP form for :math:`\Sigma_j \sim \mathcal{IW}(\Psi_0, \nu_0)` per state and
+    :math:`\mu_{jm} \mid \Sigma_j \sim \mathcal N(m_0, \Sigma_j / \kappa_0)` (the notation of
+    :mod:`emvi.gmm`). The densities, sampling and the bijection treat a tied state as M full
+    components with the same covariance. ``hyper`` is an :class:`emvi.gmm.GMMHyper`; its
+    prior's weight concentration is unused (the weights are maximum likelihood).
 
     Those statistics depend on the parameters (through r), so the model has no
     ``expected_stats`` for an arbitrary chain q: the exact E-step and both M-steps after it
@@ -450,24 +466,33 @@ class GaussianMixture(Gaussian):
     num_mix: int = 2
 
     def __post_init__(self):
-        _checks.check_choice(
-            self.covariance_type, name="covariance_type", choices=("full", "diag", "spherical")
-        )
+        super().__post_init__()
         _checks.check_positive_int(self.num_mix, name="num_mix")
+
+    @property
+    def _flat_type(self) -> str:
+        """The :mod:`emvi.gmm` covariance type of the k·M flat components (a tied state's
+        components are full ones with the same covariance)."""
+        return "full" if self.covariance_type == "tied" else self.covariance_type
 
     def _flat(self, p: GaussianMixtureParams) -> gmm.GMMParams:
         k, m = p.weights.shape
-        cov = p.covariances.reshape(k * m, *p.covariances.shape[2:])
+        if self.covariance_type == "tied":
+            cov = jnp.repeat(p.covariances, m, axis=0)  # (k·M, d, d)
+        else:
+            cov = p.covariances.reshape(k * m, *p.covariances.shape[2:])
         return gmm.GMMParams(p.weights.reshape(-1), p.means.reshape(k * m, -1), cov)
 
     def _unflat(self, g: gmm.GMMParams, weights: Array) -> GaussianMixtureParams:
         k, m = weights.shape
         cov = g.covariances.reshape(k, m, *g.covariances.shape[1:])
+        if self.covariance_type == "tied":
+            cov = cov[:, 0]  # the M copies of a state's covariance are one
         return GaussianMixtureParams(weights, g.means.reshape(k, m, -1), cov)
 
     def _log_joint(self, p: GaussianMixtureParams, obs: GaussianObs) -> Array:
         """(N, k, M) :math:`\\log c_{jm} + \\log \\mathcal N(x; \\mu_{jm}, \\Sigma_{jm})`."""
-        lj = gmm.log_joint(self._flat(p), obs.x, covariance_type=self.covariance_type)
+        lj = gmm.log_joint(self._flat(p), obs.x, covariance_type=self._flat_type)
         return lj.reshape(lj.shape[0], *p.weights.shape)
 
     def log_likelihood(self, p: GaussianMixtureParams, obs: GaussianObs) -> Array:
@@ -478,43 +503,64 @@ class GaussianMixture(Gaussian):
         r = jax.nn.softmax(self._log_joint(p, obs), axis=-1)
         return (q[:, :, None] * r).reshape(q.shape[0], -1)
 
+    def _component_hyper(self, hyper):
+        """``hyper`` without the prior's weight concentration (the weights are maximum
+        likelihood here; a (k,) concentration would not broadcast to k·M or M components)."""
+        if hyper is None or hyper.prior is None:
+            return hyper
+        return hyper._replace(prior=hyper.prior._replace(weight_concentration=1.0))
+
+    def _per_state(self, tree):
+        """Splits the leading k·M axis of every leaf into (k, M)."""
+        return jax.tree_util.tree_map(lambda a: a.reshape(-1, self.num_mix, *a.shape[1:]), tree)
+
     def m_step(self, stats: gmm.GMMStats, hyper) -> GaussianMixtureParams:
-        new = gmm.m_step(stats, hyper, covariance_type=self.covariance_type)
+        hyper = self._component_hyper(hyper)
         weights = _normalise_rows(stats.counts.reshape(-1, self.num_mix))
+        if self.covariance_type == "tied":
+            new = jax.vmap(lambda s: gmm.m_step(s, hyper, covariance_type="tied"))(
+                self._per_state(stats)
+            )
+            return GaussianMixtureParams(weights, new.means, new.covariances)
+        new = gmm.m_step(stats, hyper, covariance_type=self.covariance_type)
         return self._unflat(new, weights)
 
     def log_prior(self, p: GaussianMixtureParams, hyper) -> Array:
-        flat = self._flat(p)._replace(weights=jnp.ones(p.weights.size, p.weights.dtype))
+        hyper = self._component_hyper(hyper)
+        ones = jnp.ones_like(p.weights)
+        if self.covariance_type == "tied":
+            per_state = jax.vmap(
+                lambda w, mu, cov: gmm.log_prior(
+                    gmm.GMMParams(w, mu, cov), hyper, covariance_type="tied"
+                )
+            )(ones, p.means, p.covariances)
+            return jnp.sum(per_state)
+        flat = self._flat(p)._replace(weights=ones.reshape(-1))
         return gmm.log_prior(flat, hyper, covariance_type=self.covariance_type)
 
     def sample(self, key: Array, p: GaussianMixtureParams, z: Array) -> Array:
         key_m, key_x = jax.random.split(key)
         comp = jax.random.categorical(key_m, jnp.log(p.weights)[z])
         flat = self._flat(p)
-        gauss = Gaussian(self.covariance_type)
+        gauss = Gaussian(self._flat_type)
         return gauss.sample(
             key_x, GaussianParams(flat.means, flat.covariances), z * self.num_mix + comp
         )
 
     def init(self, key: Array, x: Array, w: Array, k: int, hyper) -> GaussianMixtureParams:
-        """k·M k-means clusters of the valid steps, M to a state, uniform weights."""
-        g = gmm.initial_params(
-            key,
-            x,
-            w,
-            hyper,
-            num_components=k * self.num_mix,
-            covariance_type=self.covariance_type,
-            init="kmeans",
-        )
-        return self._unflat(g, jnp.full((k, self.num_mix), 1.0 / self.num_mix, x.dtype))
+        """k·M k-means clusters of the valid steps, M to a state, then one M-step (a tied
+        state pools its M clusters' scatters); uniform weights."""
+        key = _checks.as_key(key)
+        resp = gmm._initial_responsibilities(key, x, w, k * self.num_mix, "kmeans")
+        p = self.m_step(self.expected_stats(resp, self.prepare(x), w), hyper)
+        return p._replace(weights=jnp.full((k, self.num_mix), 1.0 / self.num_mix, x.dtype))
 
     def to_unconstrained(self, p: GaussianMixtureParams) -> GaussianMixtureParams:
-        u = gmm.to_unconstrained(self._flat(p), covariance_type=self.covariance_type)
+        u = gmm.to_unconstrained(self._flat(p), covariance_type=self._flat_type)
         return self._unflat(u, jnp.log(p.weights))
 
     def from_unconstrained(self, u: GaussianMixtureParams) -> GaussianMixtureParams:
-        p = gmm.from_unconstrained(self._flat(u), covariance_type=self.covariance_type)
+        p = gmm.from_unconstrained(self._flat(u), covariance_type=self._flat_type)
         return self._unflat(p, jax.nn.softmax(u.weights, axis=-1))
 
     def shift(self, p: GaussianMixtureParams, shift: Array) -> GaussianMixtureParams:
@@ -528,6 +574,7 @@ class GaussianMixture(Gaussian):
         m = self.num_mix
         weights = np.asarray(p.weights, np.float64)
         means = np.asarray(p.means, np.float64)
+        cov = np.asarray(p.covariances, np.float64)
         if weights.shape != (k, m):
             raise ValueError(
                 f"init.emission.weights must have shape ({k}, {m}); got {weights.shape}."
@@ -541,8 +588,20 @@ class GaussianMixture(Gaussian):
             raise ValueError(
                 f"init.emission.means has dimension {means.shape[2]} but the data have {d}."
             )
-        flat = self._flat(GaussianMixtureParams(weights / k, means, np.asarray(p.covariances)))
-        checked = gmm._check_params(flat, k * m, d, self.covariance_type, dtype)
+        cov_shape = {
+            "full": (k, m, d, d),
+            "tied": (k, d, d),
+            "diag": (k, m, d),
+            "spherical": (k, m),
+        }
+        if cov.shape != cov_shape[self.covariance_type]:
+            raise ValueError(
+                f"init.emission.covariances must have shape {cov_shape[self.covariance_type]} "
+                f"for {k} states of {m} components in {d} dimensions with "
+                f"covariance_type={self.covariance_type!r}; got {cov.shape}."
+            )
+        flat = self._flat(GaussianMixtureParams(weights / k, means, cov))
+        checked = gmm._check_params(flat, k * m, d, self._flat_type, dtype)
         return self._unflat(checked, jnp.asarray(weights, dtype))
 
 
@@ -1522,11 +1581,11 @@ def sample(
 
 def permute_states(params: HMMParams, order: ArrayLike, *, emission) -> HMMParams:
     """The same HMM with state ``order[j]`` renamed j: :math:`\\pi' = \\pi[o]`,
-    :math:`A' = A[o][:, o]` and every emission array with a state axis indexed by o (a tied
-    covariance has none)."""
+    :math:`A' = A[o][:, o]` and every emission array with a state axis indexed by o (a
+    Gaussian emission's tied covariance has none; a GMM-HMM's tied one has)."""
     o = jnp.asarray(order)
     e = params.emission
-    if isinstance(emission, Gaussian) and emission.covariance_type == "tied":
+    if emission.__class__ is Gaussian and emission.covariance_type == "tied":
         e = e._replace(means=e.means[o])
     else:
         e = jax.tree_util.tree_map(lambda a: a[o], e)
