@@ -186,106 +186,9 @@ def _local_step_matmul(topic_word, x, alpha, max_doc_update_iter, mean_change_to
     return _local_step_exp(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol)
 
 
-class Tokens(NamedTuple):
-    r"""A corpus as each document's distinct words: ``ids`` (n, L) vocabulary indices and
-    ``counts`` (n, L) their counts, padded to the longest document's L distinct words with
-    count 0 (the pad's id is 0 and contributes nothing).
-
-    The inner loop then costs O(n L k) per iteration instead of the dense O(n V k); every
-    entry point chooses it on its own (:func:`layout`) when L is at most half of V."""
-
-    ids: Array
-    counts: Array
-
-
-def tokens(arr: np.ndarray) -> Tokens:
-    """The :class:`Tokens` of a dense (n, V) count matrix (host-side, NumPy)."""
-    arr = np.asarray(arr)
-    rows, cols = np.nonzero(arr)
-    nnz = np.bincount(rows, minlength=arr.shape[0])
-    width = max(1, int(nnz.max(initial=0)))
-    pos = np.arange(rows.size) - np.repeat(np.cumsum(nnz) - nnz, nnz)
-    ids = np.zeros((arr.shape[0], width), np.int32)
-    counts = np.zeros((arr.shape[0], width), arr.dtype)
-    ids[rows, pos] = cols
-    counts[rows, pos] = arr[rows, cols]
-    return Tokens(jnp.asarray(ids), jnp.asarray(counts))
-
-
-def layout(arr: np.ndarray) -> Array | Tokens:
-    """The representation the compiled code gets: :class:`Tokens` when the longest document
-    has at most half the vocabulary's words, else the dense matrix. The two give the same
-    results to rounding (``tests/test_lda.py``)."""
-    width = int(np.max(np.count_nonzero(arr, axis=1), initial=0))
-    if 2 * width <= arr.shape[1]:
-        return tokens(arr)
-    return jnp.asarray(arr)
-
-
-def _num_docs(x) -> int:
-    return (x.ids if isinstance(x, Tokens) else x).shape[0]
-
-
-def _counts(x) -> Array:
-    return x.counts if isinstance(x, Tokens) else x
-
-
-def _update_kernel(exp_beta, xs, e, eps):
-    r"""The inner loop's update less :math:`\alpha`, for a block of documents (dense rows or
-    :class:`Tokens`): with :math:`e = e^{E[\log\theta]}` and :math:`B = e^{E[\log\beta]}`,
-    :math:`e \odot \sum_w \frac{n_w}{(e B)_w + \epsilon} B_{\cdot w}`."""
-    if isinstance(xs, Tokens):
-        eb = exp_beta.T[xs.ids]  # (m, L, k)
-        norm = jnp.sum(e[:, None, :] * eb, axis=-1) + eps
-        return e * jnp.sum((xs.counts / norm)[:, :, None] * eb, axis=1)
-    norm = e @ exp_beta + eps
-    return e * ((xs / norm) @ exp_beta.T)
-
-
-def _word_stats(exp_beta, x, exp_theta, eps):
-    r""":math:`S_{tw} = \sum_d n_{dw}\phi_{dwt}` at the final :math:`e^{E[\log\theta]}`."""
-    if isinstance(x, Tokens):
-        norm = jnp.sum(exp_theta[:, None, :] * exp_beta.T[x.ids], axis=-1) + eps
-        contrib = (x.counts / norm)[:, :, None] * exp_theta[:, None, :]  # (n, L, k)
-        v = exp_beta.shape[1]
-        flat = jax.ops.segment_sum(
-            contrib.reshape(-1, contrib.shape[-1]), x.ids.reshape(-1), num_segments=v
-        )
-        return flat.T * exp_beta
-    norm = exp_theta @ exp_beta + eps
-    return (exp_theta.T @ (x / norm)) * exp_beta
-
-
-# Sparse blocks hold at most this many (document, word, topic) products at once.
-_BLOCK_ELEMENTS = 1 << 22
-
-
-def _blocks(x: Tokens, k: int) -> int:
-    n, width = x.ids.shape
-    return max(1, -(-n // max(8, _BLOCK_ELEMENTS // (width * k))))
-
-
-def _over_blocks(fn, x: Tokens, k: int, *doc_arrays):
-    """``fn(x_block, *arrays_block)`` over blocks of documents (``lax.map``), so the (m, L,
-    k) gathers stay O(block); the outputs' leading axis is the documents'. Returns the
-    per-block outputs stacked (nb, ...)."""
-    n = x.ids.shape[0]
-    nb = _blocks(x, k)
-    size = -(-n // nb)
-    pad = nb * size - n
-    args = jax.tree_util.tree_map(
-        lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(
-            nb, size, *a.shape[1:]
-        ),
-        (x, *doc_arrays),
-    )
-    return lax.map(lambda a: fn(*a), args), n
-
-
 def _local_step_exp(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol):
-    r"""The batched local step given :math:`e^{E[\log\beta]}` (k, v), over dense rows (two
-    (m, k) x (k, v) matmuls per inner iteration over the m documents still moving) or
-    :class:`Tokens` (O(m L k), in blocks of documents).
+    r"""The batched local step given :math:`e^{E[\log\beta]}` (k, v): two (m, k) x (k, v)
+    matmuls per inner iteration over the m documents still moving.
 
     Every document runs its own loop (the per-document one of :func:`local_step`: the same
     iterates, frozen once converged). Documents converge at very different speeds (on a
@@ -295,28 +198,16 @@ def _local_step_exp(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol):
     documents only, gathered (active first, a stable argsort of ``done``) into the smallest
     size of :func:`_size_ladder` that holds them (a ``lax.switch`` over the static sizes),
     so the work is at most twice the sum."""
-    k = exp_beta.shape[0]
-    if isinstance(x, Tokens) and _blocks(x, k) > 1:
-
-        def block(xs):
-            return _local_step_one(exp_beta, xs, alpha, max_doc_update_iter, mean_change_tol)
-
-        (gamma, stats), n = _over_blocks(block, x, k)
-        return gamma.reshape(-1, k)[:n], jnp.sum(stats, axis=0)
-    return _local_step_one(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol)
-
-
-def _local_step_one(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol):
-    """:func:`_local_step_exp` on one block."""
-    dtype = exp_beta.dtype
+    dtype = x.dtype
     eps = jnp.finfo(dtype).eps
-    n = _num_docs(x)
+    n = x.shape[0]
     k = exp_beta.shape[0]
     gamma0 = jnp.ones((n, k), dtype)
     sizes = _size_ladder(n)
 
     def update(xs, g, e, d):
-        new = _update_kernel(exp_beta, xs, e, eps) + alpha
+        norm = e @ exp_beta + eps
+        new = e * ((xs / norm) @ exp_beta.T) + alpha
         new = jnp.where(d[:, None], g, new)
         new_exp = jnp.exp(dirichlet_expectation(new))
         now = jnp.mean(jnp.abs(new - g), axis=1) < mean_change_tol
@@ -327,8 +218,7 @@ def _local_step_one(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol):
             if size == n:
                 return update(x, gamma, exp_theta, done)
             idx = jnp.argsort(done, stable=True)[:size]
-            xs = jax.tree_util.tree_map(lambda a: a[idx], x)
-            new, new_exp, d = update(xs, gamma[idx], exp_theta[idx], done[idx])
+            new, new_exp, d = update(x[idx], gamma[idx], exp_theta[idx], done[idx])
             return gamma.at[idx].set(new), exp_theta.at[idx].set(new_exp), done.at[idx].set(d)
 
         return run
@@ -357,7 +247,8 @@ def _local_step_one(exp_beta, x, alpha, max_doc_update_iter, mean_change_tol):
             jnp.zeros((n,), bool),
         ),
     )
-    return gamma, _word_stats(exp_beta, x, exp_theta, eps)
+    norm = exp_theta @ exp_beta + eps
+    return gamma, (exp_theta.T @ (x / norm)) * exp_beta
 
 
 def _dirichlet_terms(prior_conc, conc, e_log, size):
@@ -370,70 +261,51 @@ def _dirichlet_terms(prior_conc, conc, e_log, size):
     )
 
 
-def _token_terms(e_theta, e_beta, x):
-    r""":math:`\sum_{dw} n_{dw} \log \sum_t e^{a_{dt} + b_{tw}}` with :math:`a = E[\log\theta]`,
-    :math:`b = E[\log\beta]`: a matmul shifted by the row and column maxima (dense), or the
-    same sum over each document's own words (:class:`Tokens`, in blocks)."""
-    a_max = jnp.max(e_theta, axis=1, keepdims=True)
-    b_max = jnp.max(e_beta, axis=0, keepdims=True)
-    ea = jnp.exp(e_theta - a_max)
-    eb = jnp.exp(e_beta - b_max)
-    if not isinstance(x, Tokens):
-        return jnp.sum(x * (jnp.log(ea @ eb) + a_max + b_max))
-    k = e_theta.shape[1]
-
-    def block(xs, ea_s, a_s):
-        mix = jnp.sum(ea_s[:, None, :] * eb.T[xs.ids], axis=-1)
-        # Pads have count 0 (a block's padded documents also a mix of 0): they add nothing.
-        terms = xs.counts * (jnp.log(jnp.where(xs.counts > 0, mix, 1.0)) + a_s + b_max[0, xs.ids])
-        return jnp.sum(terms)
-
-    parts, _ = _over_blocks(block, x, k, ea, a_max)
-    return jnp.sum(parts)
-
-
 def elbo(
     topic_word: Float[Array, "k v"],
     gamma: Float[Array, "n k"],
-    x: Float[Array, "n v"] | Tokens,
+    x: Float[Array, "n v"],
     prior: LDAPrior,
 ) -> Float[Array, ""]:
-    r"""The ELBO of the documents ``x`` (dense counts or :class:`Tokens`) at
-    :math:`(\lambda, \gamma)` with :math:`\phi` optimal (module docstring), summed over
-    documents and including the topics' Dirichlet terms."""
-    dtype = _counts(x).dtype
+    r"""The ELBO of the documents ``x`` at :math:`(\lambda, \gamma)` with :math:`\phi` optimal
+    (module docstring), summed over documents and including the topics' Dirichlet terms."""
+    dtype = x.dtype
     alpha = jnp.asarray(prior.doc_topic, dtype)
     eta = jnp.asarray(prior.topic_word, dtype)
     k, v = topic_word.shape
     e_theta = dirichlet_expectation(gamma)
     e_beta = dirichlet_expectation(topic_word)
+    # log sum_t exp(a_dt + b_tw) as a matmul, shifted by the row and column maxima.
+    a_max = jnp.max(e_theta, axis=1, keepdims=True)
+    b_max = jnp.max(e_beta, axis=0, keepdims=True)
+    mix = jnp.exp(e_theta - a_max) @ jnp.exp(e_beta - b_max)
+    tokens = jnp.sum(x * (jnp.log(mix) + a_max + b_max))
     return (
-        _token_terms(e_theta, e_beta, x)
+        tokens
         + _dirichlet_terms(alpha, gamma, e_theta, k)
         + _dirichlet_terms(eta, topic_word, e_beta, v)
     )
 
 
 def _finish(topic_word, x, prior, max_doc_update_iter, mean_change_tol):
-    alpha = jnp.asarray(prior.doc_topic, _counts(x).dtype)
+    alpha = jnp.asarray(prior.doc_topic, x.dtype)
     gamma, _ = _local_step_matmul(topic_word, x, alpha, max_doc_update_iter, mean_change_tol)
     value = elbo(topic_word, gamma, x, prior)
-    return LDAFit(topic_word, value, jnp.exp(-value / jnp.sum(_counts(x))))
+    return LDAFit(topic_word, value, jnp.exp(-value / jnp.sum(x)))
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "max_doc_update_iter"))
 def _fit_batch(
     topic_word: Float[Array, "k v"],
-    x: Float[Array, "n v"] | Tokens,
+    x: Float[Array, "n v"],
     prior: LDAPrior,
     *,
     max_iter: int = 10,
     max_doc_update_iter: int = 100,
     mean_change_tol: float | Array = 1e-3,
 ) -> LDAFit:
-    r"""Batch variational EM, jitted, no validation (:func:`fit_batch`); ``x`` dense counts
-    or :class:`Tokens`."""
-    dtype = _counts(x).dtype
+    r"""Batch variational EM, jitted, no validation (:func:`fit_batch`)."""
+    dtype = x.dtype
     alpha = jnp.asarray(prior.doc_topic, dtype)
     eta = jnp.asarray(prior.topic_word, dtype)
     tol = jnp.asarray(mean_change_tol, dtype)
@@ -449,7 +321,7 @@ def _fit_batch(
 @functools.partial(jax.jit, static_argnames=("max_iter", "batch_size", "max_doc_update_iter"))
 def _fit_online(
     topic_word: Float[Array, "k v"],
-    x: Float[Array, "n v"] | Tokens,
+    x: Float[Array, "n v"],
     prior: LDAPrior,
     *,
     max_iter: int = 10,
@@ -459,22 +331,16 @@ def _fit_online(
     max_doc_update_iter: int = 100,
     mean_change_tol: float | Array = 1e-3,
 ) -> LDAFit:
-    r"""Online VB, jitted, no validation (:func:`fit_online`); ``x`` dense counts or
-    :class:`Tokens`."""
-    dtype = _counts(x).dtype
-    n = _num_docs(x)
+    r"""Online VB, jitted, no validation (:func:`fit_online`)."""
+    dtype = x.dtype
+    n, v = x.shape
     alpha = jnp.asarray(prior.doc_topic, dtype)
     eta = jnp.asarray(prior.topic_word, dtype)
     tol = jnp.asarray(mean_change_tol, dtype)
     num_batches = -(-n // batch_size)
     pad = num_batches * batch_size - n
     # Zero rows contribute nothing to S; each batch's true size sets D / |B|.
-    xb = jax.tree_util.tree_map(
-        lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(
-            num_batches, batch_size, *a.shape[1:]
-        ),
-        x,
-    )
+    xb = jnp.concatenate([x, jnp.zeros((pad, v), dtype)]).reshape(num_batches, batch_size, v)
     sizes = jnp.minimum(batch_size, n - batch_size * jnp.arange(num_batches)).astype(dtype)
     tau0 = jnp.asarray(learning_offset, dtype)
     kappa = jnp.asarray(learning_decay, dtype)
@@ -543,7 +409,7 @@ def _validated(topic_word, x, prior):
     alpha, eta = _check_prior(prior)
     dtype = arr.dtype
     prior = LDAPrior(jnp.asarray(alpha, dtype), jnp.asarray(eta, dtype))
-    return jnp.asarray(lam, dtype), layout(arr), prior
+    return jnp.asarray(lam, dtype), jnp.asarray(arr), prior
 
 
 def fit_batch(
@@ -569,7 +435,7 @@ def fit_batch(
         prior,
         max_iter=check_positive_int(max_iter, name="max_iter"),
         max_doc_update_iter=check_positive_int(max_doc_update_iter, name="max_doc_update_iter"),
-        mean_change_tol=jnp.asarray(_check_tol(mean_change_tol), lam.dtype),
+        mean_change_tol=jnp.asarray(_check_tol(mean_change_tol), xj.dtype),
     )
 
 
@@ -596,13 +462,13 @@ def fit_online(
     lam, xj, prior = _validated(topic_word, x, prior)
     tau0, kappa = _check_steps(learning_offset, learning_decay)
     batch_size = check_positive_int(batch_size, name="batch_size")
-    dtype = lam.dtype
+    dtype = xj.dtype
     return _fit_online(
         lam,
         xj,
         prior,
         max_iter=check_positive_int(max_iter, name="max_iter"),
-        batch_size=min(batch_size, _num_docs(xj)),
+        batch_size=min(batch_size, xj.shape[0]),
         learning_offset=jnp.asarray(tau0, dtype),
         learning_decay=jnp.asarray(kappa, dtype),
         max_doc_update_iter=check_positive_int(max_doc_update_iter, name="max_doc_update_iter"),
@@ -627,7 +493,7 @@ def perplexity(
         x,
         prior,
         check_positive_int(max_doc_update_iter, name="max_doc_update_iter"),
-        jnp.asarray(_check_tol(mean_change_tol), lam.dtype),
+        jnp.asarray(_check_tol(mean_change_tol), x.dtype),
     )
 
 
@@ -790,7 +656,7 @@ def fit(
     steps = (jnp.asarray(tau0, dtype), jnp.asarray(kappa, dtype))
     return _restarts(
         lam0,
-        layout(arr),
+        jnp.asarray(arr),
         prior,
         jnp.asarray(tol, dtype),
         steps,

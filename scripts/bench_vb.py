@@ -118,9 +118,7 @@ def bench_lda(args, name, x, k, method, passes):
 
     lam0 = np.random.default_rng(1).gamma(100.0, 0.01, (k, x.shape[1]))
     prior = lda.LDAPrior(1.0 / k, 1.0 / k)
-    # The layout every lda entry point gives the compiled code: Tokens (each document's own
-    # words) for a sparse corpus, the dense matrix otherwise.
-    xj, lj = lda.layout(x), jnp.asarray(lam0)
+    xj, lj = jnp.asarray(x), jnp.asarray(lam0)
     if method == "batch":
         compiled = lda._fit_batch.lower(lj, xj, prior, max_iter=passes).compile()
     else:
@@ -149,7 +147,6 @@ def bench_lda(args, name, x, k, method, passes):
     return dict(
         case=f"LDA {method}, {name} ({x.shape[0]} docs x {x.shape[1]} words, k={k}, "
         f"{passes} passes)",
-        layout="tokens" if isinstance(xj, lda.Tokens) else "dense",
         emvi_s=ours,
         sklearn_s=theirs,
         speedup=theirs / ours,

@@ -68,65 +68,6 @@ def test_matches_sklearn_from_the_same_topics(method):
     assert abs(float(lda.perplexity(res.topic_word, held, prior)) - want) / want < 1e-6
 
 
-def _sparse_corpus(num_docs=400, vocab=200, k=5, length=40, seed=0):
-    # A synthetic LDA corpus whose documents use few of the words (sparse topics), so the
-    # entry points choose the Tokens layout.
-    rng = np.random.default_rng(seed)
-    beta = rng.dirichlet(np.full(vocab, 0.05), size=k)
-    theta = rng.dirichlet(np.full(k, 0.2), size=num_docs)
-    p = theta @ beta
-    return np.stack([rng.multinomial(length, row / row.sum()) for row in p]).astype(np.float64)
-
-
-@pytest.mark.parametrize("method", ["batch", "online"])
-def test_tokens_layout_matches_sklearn(method):
-    # Documents of 40 tokens over 200 words (at most 40 distinct): layout() picks Tokens, and
-    # the fit still reproduces scikit-learn from the same topics (1e-6, the figure).
-    x = _sparse_corpus()
-    assert isinstance(lda.layout(x), lda.Tokens)
-    k = 5
-    lam0 = np.random.default_rng(1).gamma(100.0, 0.01, (k, x.shape[1]))
-    est = _sklearn_from_topics(scipy.sparse.csr_matrix(x), lam0, method, 3, 64)
-    prior = lda.LDAPrior(1.0 / k, 1.0 / k)
-    if method == "batch":
-        res = lda.fit_batch(lam0, x, prior, max_iter=3)
-    else:
-        res = lda.fit_online(lam0, x, prior, max_iter=3, batch_size=64)
-    lam = np.asarray(res.topic_word)
-    assert np.max(np.abs(lam - est.components_)) / np.max(est.components_) < 1e-6
-    assert abs(float(res.perplexity) - est.bound_) / est.bound_ < 1e-6
-
-
-def test_tokens_layout_equals_dense(monkeypatch):
-    # The same fit over the dense matrix and over Tokens, one block and many (the blocked
-    # lax.map path, forced by a tiny block budget): equal to rounding. The Tokens of a matrix
-    # give the matrix back.
-    x = _sparse_corpus(num_docs=150, vocab=120, k=4, length=30, seed=3)
-    tok = lda.tokens(x)
-    back = np.zeros_like(x)
-    np.add.at(back, (np.arange(x.shape[0])[:, None], np.asarray(tok.ids)), np.asarray(tok.counts))
-    np.testing.assert_array_equal(back, x)
-    assert tok.ids.shape[1] == np.count_nonzero(x, axis=1).max()
-    lam0 = jnp.asarray(np.random.default_rng(2).gamma(100.0, 0.01, (4, x.shape[1])))
-    prior = lda.LDAPrior(0.25, 0.25)
-
-    def fits(data):
-        batch = jax.jit(lambda d: lda._fit_batch.__wrapped__(lam0, d, prior, max_iter=2))(data)
-        online = jax.jit(
-            lambda d: lda._fit_online.__wrapped__(lam0, d, prior, max_iter=2, batch_size=32)
-        )(data)
-        return batch, online
-
-    dense = fits(jnp.asarray(x))
-    for budget in (lda._BLOCK_ELEMENTS, 500):
-        monkeypatch.setattr(lda, "_BLOCK_ELEMENTS", budget)
-        assert (lda._blocks(tok, 4) > 1) == (budget == 500)
-        for want, got in zip(dense, fits(tok), strict=True):
-            scale = float(jnp.max(want.topic_word))
-            assert float(jnp.max(jnp.abs(got.topic_word - want.topic_word))) < 1e-12 * scale
-            assert abs(float(got.elbo - want.elbo)) < 1e-12 * abs(float(want.elbo))
-
-
 def test_batch_recovers_the_bars_topics():
     # 10 bars topics on a 5x5 grid, 300 documents of 100 words (theta ~ Dir(1)): the best of
     # 3 random starts of 100 batch-VB passes (lowest training perplexity) finds every bar
