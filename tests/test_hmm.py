@@ -812,11 +812,13 @@ GMM_LENGTHS = np.array([8, 6, 1, 7, 8, 5])
 
 def _gmm_hmm_params(rng, ct, k=2, m=2, d=D):
     means = rng.normal(size=(k, m, d)) * 3.0
-    if ct == "full":
-        r = rng.normal(size=(k, m, d, d)) * 0.4
+    if ct in ("full", "tied"):
+        r = rng.normal(size=(k, m, d, d) if ct == "full" else (k, d, d)) * 0.4
         cov = r @ np.swapaxes(r, -1, -2) + np.eye(d)
-    else:
+    elif ct == "diag":
         cov = rng.uniform(0.5, 2.0, (k, m, d))
+    else:
+        cov = rng.uniform(0.5, 2.0, (k, m))
     return hmm.HMMParams(
         jnp.asarray(rng.dirichlet(np.full(k, 3.0))),
         jnp.asarray(rng.dirichlet(np.full(k, 3.0), size=k)),
@@ -828,16 +830,27 @@ def _gmm_hmm_params(rng, ct, k=2, m=2, d=D):
     )
 
 
+def _gmm_full_covariances(ct, cov, m, d):
+    """(k, M, d, d) per-component covariances from any of the four layouts."""
+    cov = np.asarray(cov)
+    if ct == "full":
+        return cov
+    if ct == "tied":
+        return np.repeat(cov[:, None], m, axis=1)
+    var = cov if ct == "diag" else np.repeat(cov[..., None], d, axis=-1)
+    return var[..., :, None] * np.eye(d)
+
+
 def _gmm_log_joint(p, ct, x_t):
     """(k, M) log c_jm + log N(x_t; mu_jm, Sigma_jm) by SciPy."""
     e = p.emission
-    w, means, cov = np.asarray(e.weights), np.asarray(e.means), np.asarray(e.covariances)
+    w, means = np.asarray(e.weights), np.asarray(e.means)
     k, m = w.shape
+    cov = _gmm_full_covariances(ct, e.covariances, m, means.shape[-1])
     out = np.zeros((k, m))
     for j in range(k):
         for c in range(m):
-            s = cov[j, c] if ct == "full" else np.diag(cov[j, c])
-            out[j, c] = np.log(w[j, c]) + multivariate_normal(means[j, c], s).logpdf(x_t)
+            out[j, c] = np.log(w[j, c]) + multivariate_normal(means[j, c], cov[j, c]).logpdf(x_t)
     return out
 
 
@@ -877,6 +890,8 @@ def _gmm_hmm_em_step(p, ct, x, lengths):
     centred = xs[:, None, None, :] - means[None]
     if ct == "full":
         cov = np.einsum("tjm,tjmd,tjme->jmde", rs, centred, centred) / n1[:, :, None, None]
+    elif ct == "tied":  # the scatters of a state's components about their new means, pooled
+        cov = np.einsum("tjm,tjmd,tjme->jde", rs, centred, centred) / n1.sum(1)[:, None, None]
     else:
         cov = np.einsum("tjm,tjmd->jmd", rs, centred**2) / n1[:, :, None]
     new = hmm.HMMParams(
@@ -888,12 +903,14 @@ def _gmm_hmm_em_step(p, ct, x, lengths):
     return total / len(lengths), new
 
 
-@pytest.mark.parametrize("ct", ["full", "diag"])
+@pytest.mark.parametrize("ct", ["full", "tied", "diag"])
 def test_gmm_emissions_against_enumeration(ct):
     """Three EM iterations of a GMM-HMM (2 states x 2 components) from the same start equal a
     NumPy Baum-Welch whose posteriors enumerate every state path, on a ragged batch: the
     log-likelihood history and the parameters to 1e-8 (float64 sums of the same terms in
-    another order agree to ~1e-14; EM over three steps does not amplify that by 1e6)."""
+    another order agree to ~1e-14; EM over three steps does not amplify that by 1e6). For
+    ``tied`` the oracle pools the scatters of a state's two components about their new means
+    (the component densities then use the state's covariance)."""
     rng = np.random.default_rng(30)
     emission = hmm.GaussianMixture(ct, num_mix=2)
     true = _gmm_hmm_params(rng, ct)
@@ -920,45 +937,75 @@ def test_gmm_emissions_against_enumeration(ct):
     )
 
 
-@pytest.mark.parametrize("ct", ["full", "diag"])
+GMM_HL_ITERS = 5
+_gmm_posterior = jax.jit(hmm.posterior, static_argnames=("emission", "parallel"))
+
+
+def _hmmlearn_covariance_shift(ct, weights, means, old_means):
+    """What hmmlearn's GMMHMM covariance update adds to EM's: it centres the scatter on the
+    *previous* means (hmmlearn PR #516), sum_t r (x_t - mu_old)(x_t - mu_old)^T = S + N d d^T
+    with d = mu_new - mu_old, over the denominator of its ``_do_mstep``: N_jm (full: d d^T;
+    diag: d^2), d N_jm (spherical: |d|^2 / d) or N_j = sum_m N_jm (tied: the sum over m of
+    N_jm d d^T / N_j, i.e. weighted by the new mixture weights c_jm = N_jm / N_j)."""
+    dm = np.asarray(means) - np.asarray(old_means)  # (k, M, d)
+    outer = dm[..., :, None] * dm[..., None, :]
+    return {
+        "full": lambda: outer,
+        "tied": lambda: np.einsum("jm,jmde->jde", np.asarray(weights), outer),
+        "diag": lambda: dm**2,
+        "spherical": lambda: np.mean(dm**2, axis=-1),
+    }[ct]()
+
+
+@pytest.mark.parametrize("ct", gmm.COVARIANCE_TYPES)
 def test_gmm_emissions_against_hmmlearn(ct):
-    """hmmlearn's GMMHMM (0.3.3, its default priors are maximum likelihood) from the same
-    parameters on a ragged batch: the same log-likelihood and state posteriors at the start
-    (1e-10), and after one EM iteration the same start probabilities, transitions, mixture
-    weights and means (1e-8). Its covariance update centres on the *previous* means (see
-    hmmlearn PR #516), so its covariances are ours plus (mu_new - mu_old)(mu_new - mu_old)^T,
-    checked to 1e-8; EM's exact update is checked by enumeration above."""
+    """hmmlearn's GMMHMM (0.3.3, maximum likelihood: its default priors, and for spherical
+    covars_prior = -(d + 2) / 2, which its default -(n_mix + 2) / 2 equals only when
+    n_mix = d) on a ragged batch, for 5 EM iterations: at each one hmmlearn is set to emvi's
+    current parameters and does one iteration (n_iter=1, init_params=""). At every iteration
+    the log-likelihood agrees to 1e-10 relative, the state posteriors to 1e-10, and the new
+    start probabilities, transitions, mixture weights and means to 1e-8. Its covariance
+    update centres on the *previous* means (see :func:`_hmmlearn_covariance_shift`), so its
+    covariances are ours plus that shift, checked to 1e-8; EM's exact update is checked by
+    enumeration above."""
     from hmmlearn import hmm as hl
 
     rng = np.random.default_rng(31)
     emission = hmm.GaussianMixture(ct, num_mix=2)
     lengths = np.array([30, 12, 25, 7])
-    p0 = _gmm_hmm_params(rng, ct)
-    x, _ = hmm.sample(jax.random.key(5), p0, len(lengths), 30, emission=emission)
+    p = _gmm_hmm_params(rng, ct)
+    x, _ = hmm.sample(jax.random.key(5), p, len(lengths), 30, emission=emission)
     x = np.asarray(x)
-    res = hmm.fit(
-        jax.random.key(0), x, 2, emission=emission, lengths=lengths, init=p0, max_iter=1,
-        tol=0.0, reg_covar=0.0,
-    )  # fmt: skip
-    ref = hl.GMMHMM(2, n_mix=2, covariance_type=ct, n_iter=1, tol=-np.inf, init_params="")
-    e = p0.emission
-    ref.startprob_, ref.transmat_ = np.asarray(p0.initial), np.asarray(p0.transition)
-    ref.weights_, ref.means_ = np.asarray(e.weights), np.asarray(e.means)
-    ref.covars_ = np.asarray(e.covariances)
     flat = np.concatenate([x[i, :length] for i, length in enumerate(lengths)])
     data = hmm.as_data(x, lengths, emission=emission)
-    gamma = np.asarray(hmm.posterior(p0, data, emission=emission).marginals)
-    np.testing.assert_allclose(ref.predict_proba(flat, lengths), gamma[data.mask], atol=1e-10)
-    ref.fit(flat, lengths)
-    np.testing.assert_allclose(res.history[0] * len(lengths), ref.monitor_.history[0], rtol=1e-10)
-    new = res.params
-    np.testing.assert_allclose(new.initial, ref.startprob_, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(new.transition, ref.transmat_, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(new.emission.weights, ref.weights_, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(new.emission.means, ref.means_, rtol=1e-8, atol=1e-12)
-    shift = np.asarray(new.emission.means) - np.asarray(e.means)
-    extra = shift[..., :, None] * shift[..., None, :] if ct == "full" else shift**2
-    np.testing.assert_allclose(new.emission.covariances + extra, ref.covars_, rtol=1e-8)
+    d = x.shape[-1]
+    priors = dict(covars_prior=-(d + 2.0) / 2.0) if ct == "spherical" else {}
+    for _ in range(GMM_HL_ITERS):
+        res = hmm.fit(
+            jax.random.key(0), x, 2, emission=emission, lengths=lengths, init=p, max_iter=1,
+            tol=0.0, reg_covar=0.0,
+        )  # fmt: skip
+        ref = hl.GMMHMM(
+            2, n_mix=2, covariance_type=ct, n_iter=1, tol=-np.inf, init_params="", **priors
+        )
+        e = p.emission
+        ref.startprob_, ref.transmat_ = np.asarray(p.initial), np.asarray(p.transition)
+        ref.weights_, ref.means_ = np.asarray(e.weights), np.asarray(e.means)
+        ref.covars_ = np.asarray(e.covariances)
+        gamma = np.asarray(_gmm_posterior(p, data, emission=emission).marginals)
+        np.testing.assert_allclose(ref.predict_proba(flat, lengths), gamma[data.mask], atol=1e-10)
+        ref.fit(flat, lengths)
+        np.testing.assert_allclose(
+            res.history[0] * len(lengths), ref.monitor_.history[0], rtol=1e-10
+        )
+        new = res.params
+        np.testing.assert_allclose(new.initial, ref.startprob_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(new.transition, ref.transmat_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(new.emission.weights, ref.weights_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(new.emission.means, ref.means_, rtol=1e-8, atol=1e-12)
+        extra = _hmmlearn_covariance_shift(ct, new.emission.weights, new.emission.means, e.means)
+        np.testing.assert_allclose(new.emission.covariances + extra, ref.covars_, rtol=1e-8)
+        p = new
 
 
 def test_gmm_emissions_bad_input_and_one_component():
@@ -978,7 +1025,7 @@ def test_gmm_emissions_bad_input_and_one_component():
         rtol=1e-12,
     )
     with pytest.raises(ValueError, match="covariance_type"):
-        hmm.GaussianMixture("tied")
+        hmm.GaussianMixture("banana")
     with pytest.raises(ValueError, match="num_mix"):
         hmm.GaussianMixture("diag", num_mix=0)
     bad = pg._replace(emission=g._replace(weights=jnp.full((K, 1), 0.5)))
@@ -989,3 +1036,133 @@ def test_gmm_emissions_bad_input_and_one_component():
         hmm.fit(jax.random.key(0), x, K, emission=one, lengths=LENGTHS, init=wrong_d)
     with pytest.raises(ValueError, match="component responsibilities"):
         hmm.expected_stats(hmm.posterior(pg, data, emission=one), data, jnp.ones(4), emission=one)
+    # tied: one symmetric positive definite (d, d) covariance per state, shape (k, d, d)
+    tied = hmm.GaussianMixture("tied", num_mix=2)
+    pt = _gmm_hmm_params(rng, "tied", k=K)
+    cov = np.asarray(pt.emission.covariances)
+    indefinite = cov.copy()
+    indefinite[1] = [[1.0, 2.0], [2.0, 1.0]]  # eigenvalues 3 and -1
+    for bad_cov, match in (
+        (np.broadcast_to(cov[:, None], (K, 2, D, D)), "shape"),  # the full layout
+        (cov[0], "shape"),  # one covariance for every state (Gaussian's tied layout)
+        (cov[:, :1, :1], "shape"),
+        (indefinite, "positive definite"),
+        (cov + np.triu(np.ones((D, D)), 1)[None], "symmetric"),
+    ):
+        init = pt._replace(emission=pt.emission._replace(covariances=jnp.asarray(bad_cov)))
+        with pytest.raises(ValueError, match=match):
+            hmm.fit(jax.random.key(0), x, K, emission=tied, lengths=LENGTHS, init=init)
+
+
+_TIED_GMM = hmm.GaussianMixture("tied", num_mix=2)
+
+
+@jax.jit
+def _tied_map_objective_history(p, data, w, hyper):
+    """Six MAP-EM steps: sum_n w_n log p(x_n) + log p(theta) at the start of each."""
+
+    def body(p, _):
+        stats, ll = hmm.e_step(p, data, w, emission=_TIED_GMM)
+        objective = ll + hmm.log_prior(p, hyper, emission=_TIED_GMM)
+        return hmm.m_step(stats, hyper, emission=_TIED_GMM), objective
+
+    return jax.lax.scan(body, p, None, length=6)[1]
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_gmm_tied_em_never_lowers_its_objective(seed):
+    """EM for a tied GMM-HMM never lowers the weighted log-likelihood (maximum likelihood,
+    reg_covar=1e-3 as for the Gaussian HMM above), and MAP-EM (a per-state inverse-Wishart
+    prior, reg_covar=0, where the M-step is the exact maximiser) never lowers the log
+    posterior, from random starts on ragged random data."""
+    rng = np.random.default_rng(seed)
+    p = _gmm_hmm_params(rng, "tied")
+    x = rng.normal(size=(GMM_LENGTHS.size, 8, D)) * 2.0
+    data = hmm.as_data(x, GMM_LENGTHS, emission=_TIED_GMM)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, GMM_LENGTHS.size))
+    prior = gmm.GMMPrior(jnp.ones(()), jnp.zeros(D), jnp.array(0.3), jnp.eye(D), jnp.array(3.0))
+    for em_hyper in (gmm.GMMHyper(jnp.asarray(1e-3)), gmm.GMMHyper(jnp.zeros(()), prior)):
+        hist = np.asarray(_tied_map_objective_history(p, data, w, hmm.HMMHyper(1.0, 1.0, em_hyper)))
+        assert np.all(np.isfinite(hist))
+        assert np.all(np.diff(hist) >= -1e-10 * np.abs(hist[1:]))
+
+
+@jax.jit
+def _tied_stationarity(e, x, w, q, hyper):
+    emission = _TIED_GMM
+    obs = emission.prepare(x)
+    r = emission.responsibilities(e, obs, q)  # (n, k M), fixed below
+    theta = emission.m_step(emission.expected_stats(r, obs, w), hyper)
+    u = emission.to_unconstrained(theta)
+
+    def objective(uu):
+        th = emission.from_unconstrained(uu)
+        cov = jnp.broadcast_to(th.covariances[:, None], (*th.means.shape, x.shape[1]))
+        log_n = jax.scipy.stats.multivariate_normal.logpdf(
+            x[:, None, None, :], th.means[None], cov[None]
+        )  # (n, k, M), each component with its state's covariance
+        log_joint = (jnp.log(th.weights)[None] + log_n).reshape(x.shape[0], -1)
+        return jnp.sum(w[:, None] * r * log_joint) + emission.log_prior(th, hyper)
+
+    return theta, emission.from_unconstrained(u), jax.grad(objective)(u)
+
+
+def test_gmm_tied_map_m_step_is_stationary_point():
+    """For fixed responsibilities r (state marginals times within-state component
+    responsibilities), the tied MAP M-step zeroes the gradient, in unconstrained coordinates,
+    of sum_i w_i sum_jm r_ijm log(c_jm N(x_i; mu_jm, Sigma_j)) + log p(theta) (densities by
+    jax.scipy.stats; prior: Sigma_j ~ IW(Psi_0, nu_0) per state, mu_jm | Sigma_j ~
+    N(m_0, Sigma_j / kappa_0)), so the M + d + 1 of its denominator is right; the bijection
+    round-trips; a (k,) weight concentration (for k states, not k M components) is accepted
+    and unused."""
+    rng = np.random.default_rng(35)
+    n = 40
+    p = _gmm_hmm_params(rng, "tied", k=K)
+    x = jnp.asarray(rng.normal(size=(n, D)) * 2.0)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, n))
+    q = jnp.asarray(rng.dirichlet(np.ones(K), size=n))
+    psi = jnp.array([[0.8, 0.2], [0.2, 0.5]])
+    prior = gmm.GMMPrior(
+        jnp.array([2.0, 3.0, 1.5]), jnp.asarray(rng.normal(size=D)), jnp.array(0.5), psi,
+        jnp.array(4.0),
+    )  # fmt: skip
+    theta, back, grads = _tied_stationarity(p.emission, x, w, q, gmm.GMMHyper(jnp.zeros(()), prior))
+    _close_trees(theta, back, rtol=1e-10, atol=1e-12)
+    for gleaf in jax.tree_util.tree_leaves(grads):
+        np.testing.assert_allclose(gleaf, 0.0, atol=1e-7)
+
+
+def test_gmm_tied_relabelling_and_one_component():
+    """permute_states relabels a tied GMM-HMM's weights, means and per-state covariances with
+    its states (log p(x) unchanged, to rounding); with one component per state the tied
+    GMM-HMM is the full-covariance Gaussian HMM."""
+    rng = np.random.default_rng(36)
+    tied = hmm.GaussianMixture("tied", num_mix=2)
+    p = _gmm_hmm_params(rng, "tied", k=K)
+    x = _data(rng, tied)
+    data = hmm.as_data(x, LENGTHS, emission=tied)
+    perm = np.array([2, 0, 1])
+    relabelled = hmm.permute_states(p, perm, emission=tied)
+    for a, b in zip(relabelled.emission, p.emission, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b)[perm])
+    np.testing.assert_allclose(
+        hmm.log_prob(relabelled, data, emission=tied),
+        hmm.log_prob(p, data, emission=tied),
+        rtol=1e-12,
+    )
+    one = hmm.GaussianMixture("tied", num_mix=1)
+    e = p.emission
+    p1 = p._replace(
+        emission=hmm.GaussianMixtureParams(jnp.ones((K, 1)), e.means[:, :1], e.covariances)
+    )
+    pf = p._replace(emission=hmm.GaussianParams(e.means[:, 0], e.covariances))
+    np.testing.assert_allclose(
+        hmm.log_prob(p1, data, emission=one),
+        hmm.log_prob(
+            pf,
+            hmm.as_data(x, LENGTHS, emission=hmm.Gaussian("full")),
+            emission=hmm.Gaussian("full"),
+        ),
+        rtol=1e-12,
+    )
