@@ -18,7 +18,8 @@ climb an ELBO by coordinate ascent: for data :math:`x_{1:n}` and the mean-field 
   :func:`emvi.gmm.expected_stats`, the same statistics MAP-EM's M-step uses).
 
 The parametrisation is scikit-learn's ``BayesianGaussianMixture``, and so are the updates
-for every covariance type (``tests/test_bayesian_mixture.py`` matches it to 1e-8). With
+for every covariance type with the default ``family="sklearn"``
+(``tests/test_bayesian_mixture.py`` matches it to 1e-8). With
 prior :class:`emvi.gmm.GMMPrior` ``(alpha_0, m_0, beta_0, Psi_0, nu_0)`` — the very object
 MAP-EM takes, read here as a Wishart on the precision with inverse scale :math:`\Psi_0`,
 which is the inverse-Wishart :math:`\mathcal{IW}(\Psi_0, \nu_0)` on :math:`\Sigma` that
@@ -48,14 +49,44 @@ The expected log-density in the E-step is
     - d \log \nu_j - \frac{d}{\beta_j}\Big).
 
 **Which ELBO.** For ``full`` covariances these are the exact CAVI updates of the
-Normal-Wishart mixture (Bishop 2006, sec. 10.2), and :func:`elbo` evaluates its ELBO
-exactly (every constant kept, for any responsibilities), so it equals :math:`\log p(x)` when
-q is the exact posterior (k = 1; tested) and never decreases under either half-step
-(tested). scikit-learn's ``diag``, ``spherical`` and ``tied`` updates reuse the Wishart's
-:math:`E[\log|\Lambda|]` and a 1/k share of the data for ``tied``, so they are not the exact
-CAVI of one Normal-Gamma / shared-Wishart model; for them (and as the stopping criterion for
-all four, matching scikit-learn) the loop tracks scikit-learn's bound :func:`lower_bound`,
-which for ``full`` is :func:`elbo` minus a constant (tested).
+Normal-Wishart mixture (Bishop 2006, sec. 10.2). scikit-learn's ``diag``, ``spherical`` and
+``tied`` updates reuse the Wishart's :math:`E[\log|\Lambda|]` and a 1/k share of the data
+for ``tied``, so they are not the exact CAVI of one model; with ``family="sklearn"`` (the
+default) the loop tracks scikit-learn's bound :func:`lower_bound` for all four types
+(for ``full`` it is :func:`elbo` minus a constant; tested). ``family="conjugate"`` fits
+instead the exact conjugate model of each type, its prior read from the same
+:class:`emvi.gmm.GMMPrior`:
+
+* ``diag``: a Normal-Gamma per component and dimension, :math:`\tau_{jc} \sim
+  \mathrm{Ga}(a_0 = \nu_0/2,\ b_{0c} = \Psi_{0c}/2)` (rate; the law of the Wishart's
+  diagonal when :math:`\Psi_0` is diagonal), :math:`\mu_{jc} \mid \tau_{jc} \sim
+  \mathcal N(m_{0c}, (\beta_0\tau_{jc})^{-1})`. Its q has :math:`a_j = \nu_j/2`,
+  :math:`b_{jc} = a_j C_{jc}`: scikit-learn's :math:`(\nu_j, C_j)` are already this
+  update, and only the local step changes, to :math:`E[\log\tau_{jc}] = \psi(a_j) -
+  \log b_{jc}`.
+* ``spherical``: one :math:`\tau_j \sim \mathrm{Ga}(d\nu_0/2,\ d\Psi_0/2)` (the law of
+  :math:`\operatorname{tr}\Lambda/d` under the Wishart with scale :math:`\Psi_0 I`) shared
+  by the d dimensions; :math:`a_j = d\nu_j/2` (the shape grows by :math:`N_j d/2`),
+  :math:`b_j = a_j C_j`, again scikit-learn's :math:`(\nu_j, C_j)`.
+* ``tied``: one :math:`\Lambda \sim \mathcal W(\Psi_0^{-1}, \nu_0)` shared by all
+  components, :math:`\mu_j \mid \Lambda \sim \mathcal N(m_0, (\beta_0\Lambda)^{-1})`;
+  :math:`q(\Lambda)\prod_j q(\mu_j\mid\Lambda)` is conjugate, with all the data:
+  :math:`\nu = \nu_0 + \sum_j \tilde N_j`, :math:`C = (\Psi_0 + \sum_j \tilde N_j S_j +
+  \sum_j \tilde N_j\frac{\beta_0}{\beta_j}\delta_j\delta_j^\top)/\nu`.
+* ``full``: the same model and updates as ``"sklearn"``.
+
+:class:`VBGMMPosterior` keeps its layout (``degrees_of_freedom`` :math:`\nu_j`,
+``covariances`` :math:`C_j`, :math:`E[\Lambda_j] = C_j^{-1}`). :func:`elbo` is the exact
+ELBO of this conjugate model, every constant kept, for any responsibilities and any q in
+the family; with ``family="conjugate"`` it is computed after each iteration (from the
+summed statistics, :func:`elbo_from_stats`, so without another pass over the data) and is
+the stopping criterion and ``lower_bound``. Tested: it is :math:`\log p(x, z)` when q is
+the exact posterior given one-hot q(z) (with one occupied component that is the k = 1
+closed-form evidence: Normal-Gamma per dimension, shared Gamma, Normal-Wishart), it never
+decreases under either half-step, the ``tied`` global step is where its gradient vanishes,
+and updates and ELBO match a NumPy/SciPy implementation. The global step is the exact
+CAVI update when ``reg_covar = 0`` (``reg_covar`` adds :math:`\tilde N_j` ``reg_covar`` to
+each scatter's diagonal, as in scikit-learn).
 
 **Where it sits.** :func:`vb_init` / :func:`vb_step` are the ``(init, step)`` pair over a
 NamedTuple state, as :func:`emvi.em.em_init` / :func:`emvi.em.em_step`; :func:`run_vb` is
@@ -93,6 +124,7 @@ from emvi._checks import (
 COVARIANCE_TYPES = gmm.COVARIANCE_TYPES
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
 INITS = ("kmeans", "random", "random_from_data")
+FAMILIES = ("sklearn", "conjugate")
 _LOG_2PI = math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
 
@@ -132,7 +164,7 @@ class VBState(NamedTuple):
     """Loop state of :func:`vb_init` / :func:`vb_step`."""
 
     posterior: VBGMMPosterior
-    lower_bound: Float[Array, ""]  # scikit-learn's bound after the last step (-inf at start)
+    lower_bound: Float[Array, ""]  # the family's bound after the last step (-inf at start)
     iteration: Int[Array, ""]
     converged: Bool[Array, ""]
 
@@ -150,10 +182,12 @@ class VBGMMFit(NamedTuple):
 
     Attributes:
       posterior: the variational posterior after the last global step (input coordinates).
-      lower_bound: scikit-learn's ``lower_bound_`` (its bound after the last iteration).
-      elbo: the exact ELBO (:func:`elbo`) of the last iteration's q (full covariance only;
-        NaN for the other types), in nats, summed over points.
-      history: (max_iter,) scikit-learn's bound after each iteration; NaN from ``num_iter``.
+      lower_bound: the bound after the last iteration: scikit-learn's ``lower_bound_``
+        for ``family="sklearn"``, the exact ELBO (= ``elbo``) for ``"conjugate"``.
+      elbo: the exact ELBO (:func:`elbo`) of the last iteration's q (NaN for
+        ``family="sklearn"`` with a covariance type other than full), in nats, summed over
+        points.
+      history: (max_iter,) the bound after each iteration; NaN from ``num_iter``.
       num_iter: iterations run.
       converged: whether the change of the bound fell below ``tol``.
     """
@@ -261,12 +295,43 @@ def _precision_terms(post: VBGMMPosterior, covariance_type: str):
     return (w, c), logdet
 
 
+def _log_lambda(post: VBGMMPosterior, covariance_type: str, family: str) -> Array:
+    r""":math:`L_j = E_q[\log|\Lambda_j|] + \log|C_j|` (k,), the digamma part of the
+    local step's logits.
+
+    Wishart (``full``, ``tied`` and every type of ``family="sklearn"``):
+    :math:`\sum_{c<d}\psi(\tfrac{\nu_j - c}2) + d\log 2 - d\log\nu_j`. Conjugate
+    ``diag``: :math:`d\,(\psi(a_j) - \log a_j)` with :math:`a_j = \nu_j/2` (from
+    :math:`E[\log\tau_{jc}] = \psi(a_j) - \log b_{jc}`, :math:`b_{jc} = a_j C_{jc}`);
+    conjugate ``spherical``: the same with :math:`a_j = d\nu_j/2`.
+    """
+    d = post.means.shape[1]
+    nu = jnp.broadcast_to(post.degrees_of_freedom, post.mean_precision.shape)
+    if family == "conjugate" and covariance_type in ("diag", "spherical"):
+        a = 0.5 * nu if covariance_type == "diag" else 0.5 * d * nu
+        return d * (digamma(a) - jnp.log(a))
+    return _sum_digamma(nu, d) + d * _LOG_2 - d * jnp.log(nu)
+
+
+def _logit_terms(post: VBGMMPosterior, covariance_type: str, weight_prior_type: str, family: str):
+    """(W (q, k), c (k,), const (k,)): logits_ij = const_j - (features_i @ W[:, j] + c_j) / 2."""
+    d = post.means.shape[1]
+    (w, c), logdet = _precision_terms(post, covariance_type)
+    const = (
+        expected_log_weights(post, weight_prior_type=weight_prior_type)
+        - 0.5 * (d * _LOG_2PI + logdet)
+        + 0.5 * (_log_lambda(post, covariance_type, family) - d / post.mean_precision)
+    )
+    return w, c, const
+
+
 def expected_log_joint(
     post: VBGMMPosterior,
     data: gmm.GMMData,
     *,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> Float[Array, "n k"]:
     r"""The local step's logits :math:`E_q[\log \pi_j] + E_q[\log \mathcal N(x_i \mid \mu_j,
     \Lambda_j^{-1})]` (module docstring), one matmul against the prepared features.
@@ -275,20 +340,14 @@ def expected_log_joint(
       post: the variational posterior (coordinates of ``data``).
       data: :func:`emvi.gmm.prepare` d data.
       covariance_type, weight_prior_type: static.
+      family: ``"sklearn"`` (scikit-learn's Wishart digamma term for every type) or
+        ``"conjugate"`` (the exact expectation under the conjugate family's q); static.
 
     Returns:
       (n, k).
     """
-    d = post.means.shape[1]
-    (w, c), logdet = _precision_terms(post, covariance_type)
+    w, c, const = _logit_terms(post, covariance_type, weight_prior_type, family)
     quad = jnp.maximum(data.features @ w + c[None, :], 0.0)
-    nu = jnp.broadcast_to(post.degrees_of_freedom, post.mean_precision.shape)
-    log_lambda = _sum_digamma(nu, d) + d * _LOG_2 - d * jnp.log(nu)
-    const = (
-        expected_log_weights(post, weight_prior_type=weight_prior_type)
-        - 0.5 * (d * _LOG_2PI + logdet)
-        + 0.5 * (log_lambda - d / post.mean_precision)
-    )
     return const[None, :] - 0.5 * quad
 
 
@@ -298,10 +357,15 @@ def local_step(
     *,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> tuple[Float[Array, "n k"], Float[Array, " n"]]:
     """The local (E) step: responsibilities (n, k) and the per-point log normaliser (n,)."""
     lj = expected_log_joint(
-        post, data, covariance_type=covariance_type, weight_prior_type=weight_prior_type
+        post,
+        data,
+        covariance_type=covariance_type,
+        weight_prior_type=weight_prior_type,
+        family=family,
     )
     return jax.nn.softmax(lj, axis=1), jax.nn.logsumexp(lj, axis=1)
 
@@ -341,13 +405,21 @@ def global_step(
     *,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> VBGMMPosterior:
     r"""The global (M) step: the closed-form update of q(parameters) (module docstring).
+
+    The two families differ only for ``tied``: the conjugate shared Wishart takes all the
+    data, :math:`\nu = \nu_0 + \sum_j \tilde N_j` and :math:`C = (\Psi_0 + \sum_j \tilde N_j
+    S + \sum_j \tilde N_j \frac{\beta_0}{\beta_j}\delta_j\delta_j^\top)/\nu` (scikit-learn:
+    every statistic divided by k). For ``diag`` and ``spherical`` scikit-learn's
+    :math:`(\nu_j, C_j)` are already the conjugate Normal-Gamma update read as
+    :math:`a_j = \nu_j/2` (:math:`d\nu_j/2`), :math:`b_{j\cdot} = a_j C_{j\cdot}`.
 
     Args:
       stats: summed statistics, :func:`emvi.gmm.expected_stats` of the responsibilities.
       hyper: the prior and ``reg_covar``.
-      covariance_type, weight_prior_type: static.
+      covariance_type, weight_prior_type, family: static.
 
     Returns:
       The new :class:`VBGMMPosterior`.
@@ -371,9 +443,15 @@ def global_step(
         outer = shrink[:, None, None] * diff[:, :, None] * diff[:, None, :]
         cov = (psi0[None] + nk[:, None, None] * s + outer) / nu[:, None, None]
     elif covariance_type == "tied":
-        nu = nu0 + jnp.sum(nk) / k
+        # scikit-learn gives the shared Wishart a 1/k share of the data; the conjugate
+        # model all of it.
         outer = jnp.einsum("k,ki,kj->ij", shrink, diff, diff)
-        cov = (psi0 + s * jnp.sum(nk) / k + outer / k) / nu
+        if family == "conjugate":
+            nu = nu0 + jnp.sum(nk)
+            cov = (psi0 + s * jnp.sum(nk) + outer) / nu
+        else:
+            nu = nu0 + jnp.sum(nk) / k
+            cov = (psi0 + s * jnp.sum(nk) / k + outer / k) / nu
     elif covariance_type == "diag":
         nu = nu0 + nk
         cov = (psi0[None, :] + nk[:, None] * s + shrink[:, None] * diff * diff) / nu[:, None]
@@ -448,65 +526,142 @@ def _wishart_log_norm(nu: Array, log_det_scale: Array, d: int) -> Array:
     return -0.5 * nu * log_det_scale - 0.5 * nu * d * _LOG_2 - multigammaln(0.5 * nu, d)
 
 
+def _wishart_terms(nu: Array, cov: Array, psi0: Array, nu0: Array):
+    r""":math:`E_q[\log\mathcal W(\Lambda\mid\Psi_0^{-1},\nu_0)] - E_q[\log\mathcal
+    W(\Lambda\mid W,\nu)]` with :math:`W = (\nu C)^{-1}`, batched over a leading axis of
+    ``cov`` (or none, for ``tied``); and the Cholesky factor of ``cov``."""
+    d = cov.shape[-1]
+    dtype = cov.dtype
+    chol = jnp.linalg.cholesky(cov)
+    logdet_c = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_det_w = -d * jnp.log(nu) - logdet_c
+    e_logdet = _sum_digamma(nu, d) + d * _LOG_2 + log_det_w
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=dtype), cov.shape)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    prec = jnp.swapaxes(inv_chol, -1, -2) @ inv_chol  # E[Lambda] = C^{-1}
+    tr_psi_prec = jnp.einsum("ij,...ji->...", psi0, prec)
+    logdet_psi0 = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(psi0))))
+    e_log_p = (
+        _wishart_log_norm(nu0, -logdet_psi0, d)
+        + 0.5 * (nu0 - d - 1.0) * e_logdet
+        - 0.5 * tr_psi_prec
+    )
+    e_log_q = _wishart_log_norm(nu, log_det_w, d) + 0.5 * (nu - d - 1.0) * e_logdet - 0.5 * nu * d
+    return e_log_p - e_log_q, chol
+
+
+def _gamma_terms(a: Array, b: Array, a0: Array, b0: Array) -> Array:
+    r""":math:`E_q[\log\mathrm{Ga}(\tau\mid a_0, b_0)] - E_q[\log\mathrm{Ga}(\tau\mid a, b)]`
+    (rates; elementwise) with :math:`E[\tau] = a/b`, :math:`E[\log\tau] = \psi(a) - \log b`."""
+    e_log_tau = digamma(a) - jnp.log(b)
+    return (
+        a0 * jnp.log(b0)
+        - a * jnp.log(b)
+        - gammaln(a0)
+        + gammaln(a)
+        + (a0 - a) * e_log_tau
+        - b0 * a / b
+        + a
+    )
+
+
+def elbo_from_stats(
+    post: VBGMMPosterior,
+    stats: gmm.GMMStats,
+    neg_entropy: Float[Array, ""],
+    hyper: VBGMMHyper,
+    *,
+    covariance_type: str = "full",
+    weight_prior_type: str,
+) -> Float[Array, ""]:
+    r""":func:`elbo` from the responsibilities' summed statistics and
+    :math:`\sum_{ij} r_{ij}\log r_{ij}` (the ELBO is linear in q(z) apart from the
+    entropy, so this is exact for any q(z); the loop uses it after each global step
+    without another pass over the data). ``hyper.reg_covar`` is not used."""
+    dtype = post.means.dtype
+    d = post.means.shape[1]
+    alpha0, m0, beta0, psi0, nu0 = (jnp.asarray(a, dtype) for a in hyper.prior)
+    w, c, const = _logit_terms(post, covariance_type, weight_prior_type, "conjugate")
+    feats = jnp.concatenate([stats.second, stats.sums], axis=1)  # (k, q), the features' sums
+    quad = jnp.sum(feats * w.T, axis=1) + stats.counts * c
+    local = jnp.sum(stats.counts * const - 0.5 * quad) - neg_entropy
+    weights_term = _weights_elbo_term(post.weight_concentration, alpha0, weight_prior_type)
+    nu, beta, cov = post.degrees_of_freedom, post.mean_precision, post.covariances
+    delta = post.means - m0[None, :]
+    mean_term = 0.5 * d * jnp.sum(jnp.log(beta0 / beta) + 1.0 - beta0 / beta)
+    if covariance_type == "full":
+        lam_term, chol = _wishart_terms(nu, cov, psi0, nu0)
+        y = jax.scipy.linalg.solve_triangular(chol, delta[:, :, None], lower=True)[..., 0]
+        maha = jnp.sum(y * y)
+    elif covariance_type == "tied":
+        lam_term, chol = _wishart_terms(nu, cov, psi0, nu0)
+        y = jax.scipy.linalg.solve_triangular(chol, delta.T, lower=True)
+        maha = jnp.sum(y * y)
+    elif covariance_type == "diag":
+        a = 0.5 * nu
+        lam_term = _gamma_terms(a[:, None], a[:, None] * cov, 0.5 * nu0, 0.5 * psi0[None, :])
+        maha = jnp.sum(delta * delta / cov)
+    else:
+        a = 0.5 * d * nu
+        lam_term = _gamma_terms(a, a * cov, 0.5 * d * nu0, 0.5 * d * psi0)
+        maha = jnp.sum(jnp.sum(delta * delta, axis=1) / cov)
+    return local + weights_term + mean_term - 0.5 * beta0 * maha + jnp.sum(lam_term)
+
+
 def elbo(
     post: VBGMMPosterior,
     resp: Float[Array, "n k"],
     data: gmm.GMMData,
     hyper: VBGMMHyper,
     *,
+    covariance_type: str = "full",
     weight_prior_type: str,
 ) -> Float[Array, ""]:
-    r"""The exact ELBO of the full-covariance Normal-Wishart mixture, summed over points.
+    r"""The exact ELBO of the conjugate mixture (``family="conjugate"``), summed over points.
 
     .. math::
         \mathcal L = \sum_{ij} r_{ij}\big(E[\log\pi_j] + E[\log\mathcal N(x_i\mid\mu_j,
             \Lambda_j^{-1})] - \log r_{ij}\big) + E[\log p(\pi)] - E[\log q(\pi)]
-            + \sum_j \big(E[\log p(\mu_j, \Lambda_j)] - E[\log q(\mu_j, \Lambda_j)]\big),
+            + E[\log p(\mu, \Lambda)] - E[\log q(\mu, \Lambda)],
 
     every constant kept, for any responsibilities ``resp`` and any posterior ``post``
-    (not only after a global step). With :math:`W_j = (\nu_j C_j)^{-1}`,
-    :math:`E[\log|\Lambda_j|] = \sum_c \psi(\tfrac{\nu_j - c}{2}) + d\log 2 + \log|W_j|`,
-    :math:`E[\Lambda_j] = C_j^{-1}` and the Normal-Wishart terms
+    (not only after a global step), with ``post`` read as the conjugate family's q (module
+    docstring; ``data`` prepared for ``covariance_type``). With :math:`\delta_j = m_j - m_0`
+    the mean terms are, per component and (Normal-Gamma) per dimension,
 
     .. math::
-        E[\log p(\mu,\Lambda)] - E[\log q(\mu,\Lambda)] = \tfrac d2\Big(\log\frac{\beta_0}{\beta}
-            + 1 - \frac{\beta_0}{\beta}\Big) - \tfrac{\beta_0}2 (m - m_0)^\top C^{-1}(m - m_0)
-            + E_q[\log\mathcal W(\Lambda\mid \Psi_0^{-1}, \nu_0)]
-            - E_q[\log\mathcal W(\Lambda\mid W, \nu)].
+        E[\log p(\mu\mid\Lambda)] - E[\log q(\mu\mid\Lambda)] = \tfrac d2\Big(\log
+            \frac{\beta_0}{\beta} + 1 - \frac{\beta_0}{\beta}\Big)
+            - \tfrac{\beta_0}2 \delta^\top C^{-1}\delta,
 
+    and the precision terms: ``full``, k Wishart terms
+    :math:`E_q[\log\mathcal W(\Lambda_j\mid \Psi_0^{-1}, \nu_0)] - E_q[\log\mathcal
+    W(\Lambda_j\mid W_j, \nu_j)]` with :math:`W_j = (\nu_j C_j)^{-1}`,
+    :math:`E[\log|\Lambda_j|] = \sum_c \psi(\tfrac{\nu_j - c}{2}) + d\log 2 + \log|W_j|`,
+    :math:`E[\Lambda_j] = C_j^{-1}`; ``tied``, one such term for the shared
+    :math:`\Lambda`; ``diag``, the k d Gamma terms
+
+    .. math::
+        E_q[\log\mathrm{Ga}(\tau\mid a_0, b_0)] - E_q[\log\mathrm{Ga}(\tau\mid a, b)]
+            = a_0\log b_0 - a\log b - \log\frac{\Gamma(a_0)}{\Gamma(a)}
+            + (a_0 - a)(\psi(a) - \log b) - b_0\frac ab + a
+
+    with :math:`a_j = \nu_j / 2`, :math:`b_{jc} = a_j C_{jc}`, :math:`a_0 = \nu_0/2`,
+    :math:`b_{0c} = \Psi_{0c}/2`; ``spherical``, k of them with :math:`a_j = d\nu_j/2`,
+    :math:`b_j = a_j C_j`, :math:`a_0 = d\nu_0/2`, :math:`b_0 = d\Psi_0/2`.
     For the stick-breaking prior, :math:`p(v_j) = \mathrm{Beta}(1, \alpha_0)` and
     :math:`q(v_j) = \mathrm{Beta}(a_j, b_j)` for each of the k sticks.
     """
-    dtype = post.means.dtype
-    d = post.means.shape[1]
-    alpha0, m0, beta0, psi0, nu0 = (jnp.asarray(a, dtype) for a in hyper.prior)
-    lj = expected_log_joint(post, data, covariance_type="full", weight_prior_type=weight_prior_type)
-    local = jnp.sum(resp * lj) - jnp.sum(xlogy(resp, resp))
-    weights_term = _weights_elbo_term(post.weight_concentration, alpha0, weight_prior_type)
-    # Normal-Wishart terms.
-    nu, beta, m, cov = post.degrees_of_freedom, post.mean_precision, post.means, post.covariances
-    chol = jnp.linalg.cholesky(cov)
-    logdet_c = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)), axis=1)
-    log_det_w = -d * jnp.log(nu) - logdet_c
-    e_logdet = _sum_digamma(nu, d) + d * _LOG_2 + log_det_w
-    delta = m - m0[None, :]
-    y = jax.scipy.linalg.solve_triangular(chol, delta[:, :, None], lower=True)[..., 0]
-    maha = jnp.sum(y * y, axis=1)
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=dtype), cov.shape)
-    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    prec = jnp.swapaxes(inv_chol, 1, 2) @ inv_chol  # E[Lambda] = C^{-1}
-    tr_psi_prec = jnp.einsum("ij,kji->k", psi0, prec)
-    logdet_psi0 = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(psi0))))
-    e_log_p_lam = (
-        _wishart_log_norm(nu0, -logdet_psi0, d)
-        + 0.5 * (nu0 - d - 1.0) * e_logdet
-        - 0.5 * tr_psi_prec
+    w = jnp.ones(resp.shape[0], resp.dtype)
+    stats = gmm.expected_stats(resp, data, w, covariance_type=covariance_type)
+    return elbo_from_stats(
+        post,
+        stats,
+        jnp.sum(xlogy(resp, resp)),
+        hyper,
+        covariance_type=covariance_type,
+        weight_prior_type=weight_prior_type,
     )
-    e_log_q_lam = (
-        _wishart_log_norm(nu, log_det_w, d) + 0.5 * (nu - d - 1.0) * e_logdet - 0.5 * nu * d
-    )
-    mean_term = 0.5 * d * (jnp.log(beta0 / beta) + 1.0 - beta0 / beta) - 0.5 * beta0 * maha
-    return local + weights_term + jnp.sum(mean_term + e_log_p_lam - e_log_q_lam)
 
 
 # ---------------------------------------------------------------------------------------
@@ -521,12 +676,17 @@ def posterior_from_resp(
     *,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> VBGMMPosterior:
     """One global step from given responsibilities (scikit-learn's ``_initialize``)."""
     w = jnp.ones(resp.shape[0], resp.dtype)
     stats = gmm.expected_stats(resp, data, w, covariance_type=covariance_type)
     return global_step(
-        stats, hyper, covariance_type=covariance_type, weight_prior_type=weight_prior_type
+        stats,
+        hyper,
+        covariance_type=covariance_type,
+        weight_prior_type=weight_prior_type,
+        family=family,
     )
 
 
@@ -544,13 +704,22 @@ def vb_step(
     tol: float | Array = 0.0,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> tuple[VBState, VBInfo]:
     """One CAVI iteration: local step (responsibilities), global step (closed form), and
-    scikit-learn's bound; ``converged`` when the bound changed by less than ``tol``."""
+    the bound: scikit-learn's for ``family="sklearn"``, the exact :func:`elbo` of the new
+    pair for ``"conjugate"``; ``converged`` when the bound changed by less than ``tol``."""
     kw = dict(covariance_type=covariance_type, weight_prior_type=weight_prior_type)
-    resp, log_norm = local_step(state.posterior, data, **kw)
-    new = posterior_from_resp(resp, data, hyper, **kw)
-    lb = lower_bound(new, jnp.sum(xlogy(resp, resp)), **kw)
+    resp, log_norm = local_step(state.posterior, data, family=family, **kw)
+    neg_entropy = jnp.sum(xlogy(resp, resp))
+    if family == "conjugate":
+        w = jnp.ones(resp.shape[0], resp.dtype)
+        stats = gmm.expected_stats(resp, data, w, covariance_type=covariance_type)
+        new = global_step(stats, hyper, family=family, **kw)
+        lb = elbo_from_stats(new, stats, neg_entropy, hyper, **kw)
+    else:
+        new = posterior_from_resp(resp, data, hyper, **kw)
+        lb = lower_bound(new, neg_entropy, **kw)
     change = lb - state.lower_bound
     new_state = VBState(new, lb, state.iteration + 1, jnp.abs(change) < tol)
     return new_state, VBInfo(lb, change, jnp.mean(log_norm))
@@ -565,9 +734,11 @@ def run_vb(
     tol: float | Array,
     covariance_type: str,
     weight_prior_type: str,
+    family: str = "sklearn",
 ) -> VBGMMFit:
     """CAVI to convergence on device (``lax.while_loop``), scikit-learn's stopping rule:
-    stop once the bound changes by less than ``tol`` (``tol=0`` runs ``max_iter``)."""
+    stop once the bound (:func:`vb_step`'s) changes by less than ``tol`` (``tol=0`` runs
+    ``max_iter``)."""
     kw = dict(covariance_type=covariance_type, weight_prior_type=weight_prior_type)
     dtype = post.means.dtype
     history0 = jnp.full((max_iter,), jnp.nan, dtype)
@@ -578,27 +749,32 @@ def run_vb(
 
     def body(carry):
         state, history = carry
-        new, info = vb_step(state, data, hyper, tol=tol, **kw)
+        new, info = vb_step(state, data, hyper, tol=tol, family=family, **kw)
         return new, history.at[state.iteration].set(info.lower_bound)
 
-    # The exact ELBO pairs the last local step's q(z) with the posterior it produced; it is
-    # recomputed from the state before the last step, which the loop does not keep, so the
-    # loop carries the previous posterior along.
-    def body2(carry):
-        state, history, _ = carry
-        prev = state.posterior
-        state, history = body((state, history))
-        return state, history, prev
-
-    def cond2(carry):
-        return cond(carry[:2])
-
-    state, history, prev = lax.while_loop(cond2, body2, (vb_init(post), history0, post))
-    if covariance_type == "full":
-        resp, _ = local_step(prev, data, **kw)
-        value = elbo(state.posterior, resp, data, hyper, weight_prior_type=weight_prior_type)
+    if family == "conjugate":
+        # The bound the loop tracks is already the exact ELBO of the last (q(z), q(theta)).
+        state, history = lax.while_loop(cond, body, (vb_init(post), history0))
+        value = state.lower_bound
     else:
-        value = jnp.array(jnp.nan, dtype)
+        # The exact ELBO pairs the last local step's q(z) with the posterior it produced; it
+        # is recomputed from the state before the last step, which the loop does not keep,
+        # so the loop carries the previous posterior along.
+        def body2(carry):
+            state, history, _ = carry
+            prev = state.posterior
+            state, history = body((state, history))
+            return state, history, prev
+
+        def cond2(carry):
+            return cond(carry[:2])
+
+        state, history, prev = lax.while_loop(cond2, body2, (vb_init(post), history0, post))
+        if covariance_type == "full":
+            resp, _ = local_step(prev, data, **kw)
+            value = elbo(state.posterior, resp, data, hyper, weight_prior_type=weight_prior_type)
+        else:
+            value = jnp.array(jnp.nan, dtype)
     return VBGMMFit(
         state.posterior, state.lower_bound, value, history, state.iteration, state.converged
     )
@@ -624,7 +800,9 @@ def _shift(fit_: VBGMMFit, shift: Array) -> VBGMMFit:
     return fit_._replace(posterior=post._replace(means=post.means + shift[..., None, :]))
 
 
-@functools.partial(jax.jit, static_argnames=("covariance_type", "weight_prior_type", "max_iter"))
+@functools.partial(
+    jax.jit, static_argnames=("covariance_type", "weight_prior_type", "max_iter", "family")
+)
 def fit_from_resp(
     resp: Float[Array, "n k"],
     x: Float[Array, "n d"],
@@ -635,8 +813,10 @@ def fit_from_resp(
     max_iter: int = 100,
     tol: float | Array = 1e-3,
     reg_covar: float | Array = 1e-6,
+    family: str = "sklearn",
 ) -> VBGMMFit:
-    """CAVI from initial responsibilities (the jittable core of :func:`fit`; no validation).
+    """CAVI from initial responsibilities (the jittable core of :func:`fit`; no validation;
+    ``family`` as in :func:`fit`).
 
     The first global step turns ``resp`` into q(parameters) (scikit-learn's
     ``_initialize(X, resp)``), then :func:`run_vb` iterates. The data are centred first (the
@@ -652,7 +832,7 @@ def fit_from_resp(
       [0.1, 5.9]
     """
     data, hyper, shift = _centred_problem(x, prior, reg_covar, covariance_type)
-    kw = dict(covariance_type=covariance_type, weight_prior_type=weight_prior_type)
+    kw = dict(covariance_type=covariance_type, weight_prior_type=weight_prior_type, family=family)
     post0 = posterior_from_resp(resp.astype(x.dtype), data, hyper, **kw)
     res = run_vb(post0, data, hyper, max_iter=max_iter, tol=jnp.asarray(tol, x.dtype), **kw)
     return _shift(res, shift)
@@ -681,7 +861,9 @@ def default_prior(
     )
 
 
-def _check_vb_prior(prior, d: int, covariance_type: str, dtype) -> gmm.GMMPrior:
+def _check_vb_prior(
+    prior, d: int, covariance_type: str, dtype, family: str = "sklearn"
+) -> gmm.GMMPrior:
     if not isinstance(prior, gmm.GMMPrior):
         raise ValueError(f"prior must be an emvi.gmm.GMMPrior or None; got {type(prior).__name__}.")
     alpha, m0, beta0, psi, nu = (np.asarray(a, np.float64) for a in prior)
@@ -696,7 +878,13 @@ def _check_vb_prior(prior, d: int, covariance_type: str, dtype) -> gmm.GMMPrior:
         raise ValueError(f"prior.mean_prior must have shape ({d},); got {m0.shape}.")
     if beta0.shape != () or beta0 <= 0:
         raise ValueError(f"prior.mean_precision must be a scalar > 0; got {beta0}.")
-    if nu.shape != () or nu <= d - 1:
+    if family == "conjugate" and covariance_type in ("diag", "spherical"):
+        if nu.shape != () or nu <= 0:
+            raise ValueError(
+                "prior.degrees_of_freedom must be a scalar > 0 (the Gamma shape is "
+                f"nu_0 / 2 or d nu_0 / 2); got {nu}."
+            )
+    elif nu.shape != () or nu <= d - 1:
         raise ValueError(
             f"prior.degrees_of_freedom must be a scalar > d - 1 = {d - 1} (the Wishart "
             f"needs it); got {nu}."
@@ -744,6 +932,7 @@ def fit(
     max_iter: int = 100,
     tol: float = 1e-3,
     reg_covar: float = 1e-6,
+    family: str = "sklearn",
 ) -> VBGMMFit:
     r"""Fits a Bayesian Gaussian mixture by CAVI, validating the inputs eagerly.
 
@@ -765,7 +954,12 @@ def fit(
         ``"random"`` or ``"random_from_data"`` (one-hot on k random points).
       max_iter: the most iterations (>= 1).
       tol: stop when the bound changes by less than this (>= 0).
-      reg_covar: added to the diagonal of each weighted covariance (>= 0).
+      reg_covar: added to the diagonal of each weighted covariance (>= 0; 0 makes the
+        global step the exact CAVI update).
+      family: ``"sklearn"`` (scikit-learn's updates and bound) or ``"conjugate"`` (the
+        exact CAVI of the Normal-Gamma (``diag``), shared-Gamma (``spherical``) or
+        shared-Wishart (``tied``) mixture, stopped on its exact :func:`elbo`; for ``full``
+        the same updates as ``"sklearn"``). See the module docstring.
 
     Returns:
       A :class:`VBGMMFit`.
@@ -791,6 +985,7 @@ def fit(
         choices=WEIGHT_PRIOR_TYPES,
     )
     check_choice(init, name="init", choices=INITS)
+    family = check_choice(family, name="family", choices=FAMILIES)
     x_np = as_data_matrix(x, min_rows=2)
     n, d = x_np.shape
     k = check_positive_int(num_components, name="num_components")
@@ -800,7 +995,7 @@ def fit(
     reg_covar = check_nonnegative(reg_covar, name="reg_covar")
     if prior is None:
         prior = default_prior(x_np, covariance_type=covariance_type, num_components=k)
-    prior = _check_vb_prior(prior, d, covariance_type, x_np.dtype)
+    prior = _check_vb_prior(prior, d, covariance_type, x_np.dtype, family)
     xj = jnp.asarray(x_np)
     resp = _initial_resp(key, xj, k=k, init=init)
     return fit_from_resp(
@@ -812,6 +1007,7 @@ def fit(
         max_iter=max_iter,
         tol=jnp.asarray(tol, x_np.dtype),
         reg_covar=jnp.asarray(reg_covar, x_np.dtype),
+        family=family,
     )
 
 

@@ -387,3 +387,405 @@ def test_bernoulli_bad_input_raises():
         bm.fit_bernoulli(jax.random.key(0), x, 2, alpha=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         bm.fit_bernoulli(jax.random.key(0), x + 2.0, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# The exact conjugate family (family="conjugate") for diag, spherical and tied
+# ---------------------------------------------------------------------------------------
+
+CONJ_TYPES = ("diag", "spherical", "tied")
+
+
+def _conj_data(n=30, d=3, seed=7):
+    """Two well-separated, unequally scaled clusters (float64)."""
+    rng = np.random.default_rng(seed)
+    scale = np.array([1.0, 2.0, 0.5])[:d]
+    x = rng.normal(size=(n, d)) * scale
+    x[: n // 2] += 4.0
+    return x
+
+
+def _log_evidence_normal_gamma(x, m0, beta0, a0, b0):
+    """log p(X) of one Gaussian with independent per-dimension Normal-Gamma priors
+    tau_c ~ Ga(a0, b0_c), mu_c | tau_c ~ N(m0_c, 1/(beta0 tau_c)): the product over
+    dimensions of the 1-D Normal-Gamma marginal likelihood (Murphy 2007, eq. 95)."""
+    n = x.shape[0]
+    if n == 0:
+        return 0.0
+    xbar = x.mean(axis=0)
+    beta_n, a_n = beta0 + n, a0 + 0.5 * n
+    b_n = b0 + 0.5 * ((x - xbar) ** 2).sum(axis=0) + beta0 * n * (xbar - m0) ** 2 / (2 * beta_n)
+    per_dim = (
+        sp.gammaln(a_n)
+        - sp.gammaln(a0)
+        + a0 * np.log(b0)
+        - a_n * np.log(b_n)
+        + 0.5 * math.log(beta0 / beta_n)
+        - 0.5 * n * math.log(2 * math.pi)
+    )
+    return float(np.sum(per_dim))
+
+
+def _log_evidence_shared_gamma(x, m0, beta0, a0, b0):
+    """log p(X) of one Gaussian N(mu, I / tau) with tau ~ Ga(a0, b0) shared over the d
+    dimensions and mu_c | tau ~ N(m0_c, 1/(beta0 tau)): the shape grows by n d / 2."""
+    n, d = x.shape
+    if n == 0:
+        return 0.0
+    xbar = x.mean(axis=0)
+    beta_n, a_n = beta0 + n, a0 + 0.5 * n * d
+    b_n = b0 + 0.5 * np.sum((x - xbar) ** 2) + beta0 * n * np.sum((xbar - m0) ** 2) / (2 * beta_n)
+    return float(
+        sp.gammaln(a_n)
+        - sp.gammaln(a0)
+        + a0 * math.log(b0)
+        - a_n * math.log(b_n)
+        + 0.5 * d * math.log(beta0 / beta_n)
+        - 0.5 * n * d * math.log(2 * math.pi)
+    )
+
+
+def _log_evidence_shared_wishart(groups, m0, beta0, psi0, nu0):
+    """log p(X | z) for components sharing Lambda ~ W(Psi0^-1, nu0), mu_j | Lambda ~
+    N(m0, (beta0 Lambda)^-1): the Wishart integral over all points, one (beta0 / beta_j)^(d/2)
+    per component."""
+    d = psi0.shape[0]
+    psi_n, n_tot, log_beta = psi0.copy(), 0, 0.0
+    for g in groups:
+        n = g.shape[0]
+        if n == 0:
+            continue
+        xbar = g.mean(axis=0)
+        psi_n = psi_n + (g - xbar).T @ (g - xbar)
+        psi_n = psi_n + beta0 * n / (beta0 + n) * np.outer(xbar - m0, xbar - m0)
+        n_tot += n
+        log_beta += 0.5 * d * math.log(beta0 / (beta0 + n))
+    nu_n = nu0 + n_tot
+    return (
+        -0.5 * n_tot * d * math.log(math.pi)
+        + sp.multigammaln(0.5 * nu_n, d)
+        - sp.multigammaln(0.5 * nu0, d)
+        + 0.5 * nu0 * np.linalg.slogdet(psi0)[1]
+        - 0.5 * nu_n * np.linalg.slogdet(psi_n)[1]
+        + log_beta
+    )
+
+
+def _log_p_labels(labels, k, alpha0, wpt):
+    """log p(z) under the Dirichlet, or the k stick-breaking Beta(1, alpha0) sticks (the
+    last one not set to 1, as scikit-learn's truncation)."""
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    if wpt == "dirichlet_process":
+        tail = np.array([counts[j + 1 :].sum() for j in range(k)])
+        return float(np.sum(sp.betaln(1 + counts, alpha0 + tail) - sp.betaln(1, alpha0)))
+    return float(
+        sp.gammaln(k * alpha0)
+        - sp.gammaln(k * alpha0 + counts.sum())
+        + np.sum(sp.gammaln(alpha0 + counts) - sp.gammaln(alpha0))
+    )
+
+
+def _log_evidence_labelled(x, labels, k, prior, ct, wpt):
+    """log p(X, z) of the conjugate model (prior map of the module docstring)."""
+    alpha0, m0, beta0, psi0, nu0 = (np.asarray(a, np.float64) for a in prior)
+    alpha0, beta0, nu0 = float(alpha0), float(beta0), float(nu0)
+    d = x.shape[1]
+    groups = [x[labels == j] for j in range(k)]
+    if ct == "diag":
+        log_px = sum(_log_evidence_normal_gamma(g, m0, beta0, nu0 / 2, psi0 / 2) for g in groups)
+    elif ct == "spherical":
+        a0, b0 = d * nu0 / 2, d * float(psi0) / 2
+        log_px = sum(_log_evidence_shared_gamma(g, m0, beta0, a0, b0) for g in groups)
+    else:
+        log_px = _log_evidence_shared_wishart(groups, m0, beta0, psi0, nu0)
+    return log_px + _log_p_labels(labels, k, alpha0, wpt)
+
+
+@functools.partial(jax.jit, static_argnames=("ct", "wpt"))
+def _conj_cavi(r_a, resp, data, hyper, *, ct, wpt):
+    """q(theta) from r_a by the global step, then one CAVI iteration from it: returns that
+    q(theta), the exact ELBO at (it, resp), after the local step and after the global step,
+    the new pair, and (tied with the stick-breaking prior only: a gradient doubles the
+    compile time) the ELBO's gradient in q(theta) at the new pair. One program per type and
+    weight prior, shared by the conjugate-family tests."""
+    kw = dict(covariance_type=ct, weight_prior_type=wpt)
+
+    def f(p, r):
+        return bm.elbo(p, r, data, hyper, **kw)
+
+    post = bm.posterior_from_resp(r_a, data, hyper, family="conjugate", **kw)
+    r1, _ = bm.local_step(post, data, family="conjugate", **kw)
+    p2 = bm.posterior_from_resp(r1, data, hyper, family="conjugate", **kw)
+    vals = jnp.stack([f(post, resp), f(post, r1), f(p2, r1)])
+    g_post = jax.grad(f)(p2, r1) if (ct, wpt) == ("tied", "dirichlet_process") else None
+    return post, vals, p2, r1, g_post
+
+
+def _conj_problem(ct, n=24, k=3):
+    x = _conj_data(n=n)
+    prior = bm.default_prior(x, covariance_type=ct, num_components=k)
+    data, hyper, _ = bm._centred_problem(jnp.asarray(x), prior, 0.0, ct)
+    return x, prior, data, hyper
+
+
+@pytest.mark.parametrize("ct", CONJ_TYPES)
+def test_conjugate_elbo_is_the_log_evidence_at_the_exact_posterior(ct):
+    # With q(z) one-hot on given labels, the global step's q(theta) is the exact conjugate
+    # posterior given z, so the exact ELBO is log p(X, z), written above in NumPy/SciPy.
+    # All points on component 0 (the others empty, each contributing evidence 1) is the
+    # k = 1 case: its log p(X | z) is the single-Gaussian evidence (for tied the full
+    # Normal-Wishart one); a 3-way split checks the components' (or, tied, the shared
+    # Lambda's) bookkeeping. 1e-10 relative, as for full: the 10 eps scikit-learn adds to N_j
+    # and float64 rounding of sums of ~100 terms (measured <= 6e-16).
+    x, prior, data, hyper = _conj_problem(ct)
+    n, d = x.shape
+    _, m0, b0, psi0, nu0 = (np.asarray(a) for a in prior)
+    b0, nu0 = float(b0), float(nu0)
+    one = {
+        "diag": lambda: _log_evidence_normal_gamma(x, m0, b0, nu0 / 2, psi0 / 2),
+        "spherical": lambda: _log_evidence_shared_gamma(x, m0, b0, d * nu0 / 2, d * psi0 / 2),
+        "tied": lambda: _log_evidence_normal_wishart(x, m0, b0, psi0, nu0),
+    }[ct]()
+    for labels in (np.zeros(n, int), np.arange(n) % 3):
+        for wpt in WPTS:
+            want = _log_evidence_labelled(x, labels, 3, prior, ct, wpt)
+            if labels.max() == 0:  # log p(X, z) = the k = 1 evidence + log p(z)
+                pz = _log_p_labels(labels, 3, float(prior.weight_concentration), wpt)
+                assert _rel(want - pz, one) < 1e-12
+            resp = jnp.asarray(np.eye(3)[labels])
+            _, vals, *_ = _conj_cavi(resp, resp, data, hyper, ct=ct, wpt=wpt)
+            assert _rel(vals[0], want) < 1e-10, (labels, wpt)
+
+
+@pytest.mark.parametrize("wpt", WPTS)
+@pytest.mark.parametrize("ct", CONJ_TYPES)
+def test_conjugate_half_steps_never_lower_the_exact_elbo(ct, wpt):
+    # From three random starts (q(theta) from one random q(z), paired with another), each
+    # half-step never lowers the exact ELBO; and for tied, the one global step that is not
+    # scikit-learn's, it lands where the ELBO's gradient in q(theta) vanishes (jax.grad as
+    # the oracle of "closed-form maximiser", scaled by the parameter; one weight prior, the
+    # weights' update being full's, checked above with both). reg_covar = 0 so the global
+    # step is the exact CAVI update. The tolerances are float64 rounding of sums of a few
+    # hundred terms, as for full (measured: every step raised it; gradients <= 1e-15).
+    x, _, data, hyper = _conj_problem(ct)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        r_a, resp = (jnp.asarray(rng.dirichlet(np.ones(3), size=x.shape[0])) for _ in "ab")
+        for it in range(2):
+            _, vals, new_post, new_resp, g_post = _conj_cavi(r_a, resp, data, hyper, ct=ct, wpt=wpt)
+            vals = np.asarray(vals)
+            scale = np.abs(vals).max()
+            assert np.all(np.diff(vals) >= -1e-10 * scale), (seed, it, vals)
+            if g_post is not None:
+                for g, v in zip(jax.tree_util.tree_leaves(g_post), new_post, strict=True):
+                    assert float(jnp.max(jnp.abs(g * v))) < 1e-9 * scale, (seed, it)
+            r_a = resp = new_resp
+
+
+def _numpy_conj_cavi(x, resp, prior, ct, wpt, iters):
+    """The conjugate family's CAVI written out in float64 NumPy/SciPy, in the natural
+    parameters (Gamma shape a and rate b, or the Wishart's nu and W^-1), with its ELBO from
+    scipy.stats entropies. Returns the q(theta) of resp and, per iteration, (q(z), q(theta),
+    ELBO)."""
+    from scipy import stats
+
+    alpha0, m0, beta0, psi0, nu0 = (np.asarray(a, np.float64) for a in prior)
+    alpha0, beta0, nu0 = float(alpha0), float(beta0), float(nu0)
+    n, d = x.shape
+    if ct == "diag":
+        a0, b0 = nu0 / 2, psi0 / 2
+    elif ct == "spherical":
+        a0, b0 = d * nu0 / 2, d * float(psi0) / 2
+
+    def global_step(r):
+        nk = r.sum(0)
+        xbar = (r.T @ x) / nk[:, None]
+        if wpt == "dirichlet_process":
+            tail = np.array([nk[j + 1 :].sum() for j in range(len(nk))])
+            wc = np.stack([1 + nk, alpha0 + tail])
+        else:
+            wc = alpha0 + nk
+        beta = beta0 + nk
+        m = (beta0 * m0 + nk[:, None] * xbar) / beta[:, None]
+        dev = x[:, None, :] - xbar[None]  # (n, k, d)
+        shrunk = (beta0 * nk / beta)[:, None] * (xbar - m0) ** 2
+        if ct == "diag":
+            lam = (a0 + nk / 2, b0 + 0.5 * (np.einsum("ik,ikc->kc", r, dev**2) + shrunk))
+        elif ct == "spherical":
+            sq = np.einsum("ik,ikc->k", r, dev**2) + shrunk.sum(1)
+            lam = (a0 + nk * d / 2, b0 + 0.5 * sq)
+        else:
+            w_inv = psi0 + np.einsum("ik,ika,ikb->ab", r, dev, dev)
+            w_inv = w_inv + np.einsum("k,ka,kb->ab", beta0 * nk / beta, xbar - m0, xbar - m0)
+            lam = (nu0 + n, w_inv)
+        return wc, beta, m, lam
+
+    def e_log_weights(wc):
+        if wpt == "dirichlet_process":
+            ds = sp.digamma(wc[0] + wc[1])
+            l1 = sp.digamma(wc[1]) - ds
+            return sp.digamma(wc[0]) - ds + np.concatenate([[0.0], np.cumsum(l1)[:-1]])
+        return sp.digamma(wc) - sp.digamma(wc.sum())
+
+    def weights_term(wc):  # E log p(pi) + H[q(pi)]
+        if wpt == "dirichlet_process":
+            e1v = sp.digamma(wc[1]) - sp.digamma(wc[0] + wc[1])
+            h = sum(stats.beta(a, b).entropy() for a, b in zip(wc[0], wc[1], strict=True))
+            return np.sum(-sp.betaln(1, alpha0) + (alpha0 - 1) * e1v) + h
+        k = len(wc)
+        e_log_p = sp.gammaln(k * alpha0) - k * sp.gammaln(alpha0)
+        return e_log_p + (alpha0 - 1) * e_log_weights(wc).sum() + stats.dirichlet(wc).entropy()
+
+    def logits_and_theta_term(q):
+        """(n, k) E log pi_j + E log N(x_i | mu_j, Lambda_j^-1), and
+        E log p(mu, Lambda) + H[q(mu, Lambda)]."""
+        wc, beta, m, lam = q
+        k = len(beta)
+        log2pi = math.log(2 * math.pi)
+        if ct in ("diag", "spherical"):
+            a, b = lam
+            shape = (k, d) if ct == "diag" else (k, 1)
+            a_, b_ = np.broadcast_to(a[:, None], shape), np.broadcast_to(b.reshape(k, -1), shape)
+            e_tau, e_log_tau = a_ / b_, sp.digamma(a_) - np.log(b_)
+            e_tau, e_log_tau = np.broadcast_to(e_tau, (k, d)), np.broadcast_to(e_log_tau, (k, d))
+            quad = np.einsum("kc,ikc->ik", e_tau, (x[:, None, :] - m[None]) ** 2)
+            ell = 0.5 * (e_log_tau.sum(1) - d * log2pi - d / beta)[None] - 0.5 * quad
+            b0_ = np.broadcast_to(b0, shape)
+            gam = a0 * np.log(b0_) - sp.gammaln(a0) + (a0 - 1) * e_log_tau[:, : shape[1]]
+            gam = gam - b0_ * e_tau[:, : shape[1]]
+            h_gam = sum(
+                stats.gamma(ai, scale=1 / bi).entropy()
+                for ai, bi in zip(a_.ravel(), b_.ravel(), strict=True)
+            )
+            mu_p = 0.5 * (np.log(beta0) - log2pi + e_log_tau) - 0.5 * beta0 * (
+                e_tau * (m - m0) ** 2 + 1 / beta[:, None]
+            )
+            mu_h = 0.5 * (math.log(2 * math.pi * math.e) - np.log(beta)[:, None] - e_log_tau)
+            theta = gam.sum() + h_gam + mu_p.sum() + mu_h.sum()
+        else:
+            nu, w_inv = lam
+            w = np.linalg.inv(w_inv)
+            e_lam = nu * w
+            e_logdet = sum(sp.digamma((nu - c) / 2) for c in range(d)) + d * math.log(2)
+            e_logdet += np.linalg.slogdet(w)[1]
+            dev = x[:, None, :] - m[None]
+            quad = np.einsum("ika,ab,ikb->ik", dev, e_lam, dev)
+            ell = 0.5 * (e_logdet - d * log2pi - d / beta)[None] - 0.5 * quad
+            log_z0 = 0.5 * nu0 * d * math.log(2) - 0.5 * nu0 * np.linalg.slogdet(psi0)[1]
+            log_z0 += sp.multigammaln(nu0 / 2, d)
+            lam_p = -log_z0 + 0.5 * (nu0 - d - 1) * e_logdet - 0.5 * np.trace(psi0 @ e_lam)
+            h_lam = stats.wishart(df=nu, scale=w).entropy()
+            dm = m - m0
+            mu_p = 0.5 * d * (np.log(beta0) - log2pi) + 0.5 * e_logdet
+            mu_p = mu_p - 0.5 * beta0 * (np.einsum("ka,ab,kb->k", dm, e_lam, dm) + d / beta)
+            mu_h = 0.5 * d * (math.log(2 * math.pi * math.e) - np.log(beta)) - 0.5 * e_logdet
+            theta = lam_p + h_lam + mu_p.sum() + mu_h.sum()
+        return e_log_weights(wc)[None] + ell, theta + weights_term(wc)
+
+    def elbo(q, r):
+        lj, theta = logits_and_theta_term(q)
+        return np.sum(r * lj) - np.sum(sp.xlogy(r, r)) + theta
+
+    q = global_step(resp)
+    q0, out = q, []
+    for _ in range(iters):
+        r = sp.softmax(logits_and_theta_term(q)[0], axis=1)
+        q = global_step(r)
+        out.append((r, q, elbo(q, r)))
+    return q0, out
+
+
+def _as_emvi(q, ct, d):
+    """The NumPy natural parameters in VBGMMPosterior's layout (module docstring's map)."""
+    wc, beta, m, (s, t) = q
+    if ct == "diag":
+        return wc, beta, m, 2 * s, t / s[:, None]
+    if ct == "spherical":
+        return wc, beta, m, 2 * s / d, t / s
+    return wc, beta, m, s, t / s
+
+
+def _uncentred(post, shift):
+    return post._replace(means=post.means + shift[None, :])
+
+
+CONJ_NUMPY_CASES = [("diag", WPTS[0]), ("spherical", WPTS[1]), ("tied", WPTS[0])]
+
+
+@pytest.mark.parametrize(("ct", "wpt"), CONJ_NUMPY_CASES)
+def test_conjugate_updates_match_numpy(ct, wpt):
+    # Three CAVI iterations from the same random responsibilities: q(theta), q(z) and the
+    # exact ELBO after each iteration agree with the NumPy/SciPy implementation (natural
+    # parameters, entropies from scipy.stats) to 1e-10 relative (float64 reassociation and
+    # the 10 eps added to N_j; measured <= 7e-15), and the ELBO never decreases.
+    x, prior, data, hyper = _conj_problem(ct)
+    d = x.shape[1]
+    resp = np.random.default_rng(4).dirichlet(np.ones(3), size=x.shape[0])
+    q0, out = _numpy_conj_cavi(x, resp, prior, ct, wpt, 3)
+    r_a = jnp.asarray(resp)
+    shift = jnp.asarray(x.mean(0))  # _conj_problem's data are centred
+    elbos = []
+    for it, (r_np, q_np, e_np) in enumerate(out):
+        post, vals, p2, r1, _ = _conj_cavi(r_a, r_a, data, hyper, ct=ct, wpt=wpt)
+        if it == 0:
+            for ours, theirs in zip(_uncentred(post, shift), _as_emvi(q0, ct, d), strict=True):
+                assert _rel(ours, theirs) < 1e-10
+        for ours, theirs in zip(_uncentred(p2, shift), _as_emvi(q_np, ct, d), strict=True):
+            assert _rel(ours, theirs) < 1e-10, it
+        assert _rel(r1, r_np) < 1e-10
+        assert _rel(vals[2], e_np) < 1e-10
+        elbos.append(e_np)
+        r_a = r1
+    assert np.all(np.diff(elbos) >= -1e-10 * np.abs(elbos).max())
+
+
+@pytest.mark.parametrize("ct", CONJ_TYPES)
+def test_conjugate_fit_float32_follows_the_numpy_elbo(ct):
+    # The public fit in float32 (random initial responsibilities, recomputed here for the
+    # oracle): it stays float32 and finite, its loop tracks the exact ELBO (lower_bound =
+    # elbo = the last history entry), and that history follows the float64 NumPy CAVI from
+    # the same start to 1e-5 relative (float32 rounding, eps 6e-8, of sums of ~100 terms,
+    # carried over 3 iterations; measured <= 4e-7).
+    x = _conj_data(n=24).astype(np.float32)
+    key = jax.random.key(3)
+    res = bm.fit(
+        key, x, 3, covariance_type=ct, init="random", max_iter=3, tol=0.0, family="conjugate"
+    )
+    assert res.posterior.means.dtype == jnp.float32
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in res.posterior)
+    assert int(res.num_iter) == 3
+    assert float(res.elbo) == float(res.lower_bound) == float(res.history[2])
+    resp = np.asarray(bm._initial_resp(key, jnp.asarray(x), k=3, init="random"), np.float64)
+    prior = bm.default_prior(x.astype(np.float64), covariance_type=ct, num_components=3)
+    _, out = _numpy_conj_cavi(x.astype(np.float64), resp, prior, ct, WPTS[0], 3)
+    assert _rel(res.history, [e for *_, e in out]) < 1e-5
+
+
+def test_conjugate_bad_input_raises():
+    x = load_iris().data[:20, :2]
+    with pytest.raises(ValueError, match="family"):
+        bm.fit(jax.random.key(0), x, 2, family="normal_gamma")
+    p = bm.default_prior(x, covariance_type="diag")
+    with pytest.raises(ValueError, match="degrees_of_freedom"):
+        bm.fit(
+            jax.random.key(0),
+            x,
+            2,
+            covariance_type="diag",
+            prior=p._replace(degrees_of_freedom=jnp.array(0.0)),
+            family="conjugate",
+        )
+    # A Gamma shape nu_0 / 2 needs only nu_0 > 0, but scikit-learn's updates need the
+    # Wishart's nu_0 > d - 1 = 1.
+    with pytest.raises(ValueError, match="degrees_of_freedom"):
+        bm.fit(
+            jax.random.key(0),
+            x,
+            2,
+            covariance_type="diag",
+            prior=p._replace(degrees_of_freedom=jnp.array(0.5)),
+        )
+    bad = np.array(x, copy=True)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        bm.fit(jax.random.key(0), bad, 2, covariance_type="tied", family="conjugate")
