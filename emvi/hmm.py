@@ -868,6 +868,14 @@ def _log_identity(k: int, dtype) -> Array:
     return jnp.where(jnp.eye(k, dtype=bool), 0.0, -jnp.inf).astype(dtype)
 
 
+# Time steps per iteration of the sequential scans' loops. Each step's work is a few small
+# ops on (n, k) arrays, so on a CPU the loop's own per-iteration cost rivals it; measured
+# (forward-backward, float64, 2-core CPU, shared): 100 sequences x T = 1000, K = 10: 325 ms
+# at 1, 165 ms at 2, 174 ms at 4, 207 ms at 8; one sequence T = 100,000, K = 25: 1728, 1036,
+# 707 and 804 ms.
+_UNROLL = 4
+
+
 def _forward_sequential(log_pi, log_a, lb, mask):
     """Filtered log-marginals (n, t, k) and log-likelihoods (n,) by a ``lax.scan``."""
     lb_t = jnp.swapaxes(lb, 0, 1)  # (t, n, k)
@@ -890,7 +898,7 @@ def _forward_sequential(log_pi, log_a, lb, mask):
         ll = ll + jnp.where(mt, c, 0.0)
         return (alpha, ll), alpha
 
-    (_, ll), alphas = lax.scan(step, (alpha0, c0), (lb_t[1:], m_t[1:]))
+    (_, ll), alphas = lax.scan(step, (alpha0, c0), (lb_t[1:], m_t[1:]), unroll=_UNROLL)
     alphas = jnp.concatenate([alpha0[None], alphas], axis=0)
     return jnp.swapaxes(alphas, 0, 1), ll
 
@@ -939,7 +947,7 @@ def _backward_sequential(log_a, lb, mask):
         beta = jnp.where(m_next[:, None], b, 0.0)
         return beta, beta
 
-    _, betas = lax.scan(step, last, (lb_t[1:], m_t[1:]), reverse=True)
+    _, betas = lax.scan(step, last, (lb_t[1:], m_t[1:]), reverse=True, unroll=_UNROLL)
     betas = jnp.concatenate([betas, last[None]], axis=0)
     return jnp.swapaxes(betas, 0, 1)
 
@@ -969,7 +977,9 @@ def _forward_backward_sequential(log_pi, log_a, lb, mask):
         return (alpha, ll, beta), (alpha, beta)
 
     rev = (lb_t[1:][::-1], m_t[1:][::-1])
-    (_, ll, _), (alphas, betas) = lax.scan(step, (alpha0, c0, beta_last), (lb_t[1:], m_t[1:], *rev))
+    (_, ll, _), (alphas, betas) = lax.scan(
+        step, (alpha0, c0, beta_last), (lb_t[1:], m_t[1:], *rev), unroll=_UNROLL
+    )
     alphas = jnp.concatenate([alpha0[None], alphas], axis=0)
     betas = jnp.concatenate([betas[::-1], beta_last[None]], axis=0)
     return jnp.swapaxes(alphas, 0, 1), jnp.swapaxes(betas, 0, 1), ll
@@ -1505,7 +1515,7 @@ def _viterbi_sequential(log_pi, log_a, lb, mask):
         bp = jnp.where(mt[:, None], bp, keep)
         return delta, bp
 
-    delta, bps = lax.scan(fwd, d0, (lb_t[1:], m_t[1:]))
+    delta, bps = lax.scan(fwd, d0, (lb_t[1:], m_t[1:]), unroll=_UNROLL)
     last = jnp.argmax(delta, axis=1)
 
     def back(state, bp):
