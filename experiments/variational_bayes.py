@@ -190,8 +190,8 @@ the encoder's family is logistic-normal; both bound the same log p(w | alpha, be
 only the last column, the encoder's own family optimised per document, must be >= 0.
 """
 AMORTIZED_ROW = (
-    "| {corpus} | {split} | {mean_field:.4f} | {amortized:.4f} ± {amortized_se:.4f} | "
-    "{gap_vs_mean_field:.4f} | {amortization_gap:.4f} ± {amortization_gap_se:.4f} |"
+    "| {corpus} | {split} | {mean_field:.4f} | {amortized:.4f} ± {amortized_se:.1e} | "
+    "{gap_vs_mean_field:.4f} | {amortization_gap:.4f} ± {amortization_gap_se:.1e} |"
 )
 MIXTURE_ROW = (
     "| {method} | {test_log_lik:.2f} ± {test_log_lik_se:.2f} | {train_elbo:.2f} | "
