@@ -1,4 +1,4 @@
-r"""Benchmark: EM iterations of emvi's HMM against hmmlearn, from the same initialisation.
+r"""Benchmark: EM iterations of emvi's HMM against hmmlearn and dynamax, from the same start.
 
 Two cases, Gaussian "diag" emissions, float64:
 
@@ -10,21 +10,37 @@ initial distribution, a random near-uniform transition matrix, means at k random
 points, unit variances) and runs ``iters`` iterations with the tolerance disabled, so the
 log-likelihood histories must agree to rounding (reported as the largest relative
 difference). Time per iteration is one whole fit (hmmlearn) or the median over ``repeats``
-whole fits (emvi) divided by ``iters``; emvi's compile time is excluded by a warm-up fit of
-the same shapes. emvi runs with the sequential ``lax.scan`` and with the parallel
-associative scan; the parallel scan does O(t k^3) work against O(t k^2) and holds
-(t, k, k, k) temporaries, so on a CPU it is slower, and for the long case it is run on the
-first ``parallel_long_t`` steps only (the full 100,000 would need about t k^3 * 8 bytes =
+whole fits (emvi, dynamax) divided by ``iters``; the compile time of emvi and dynamax is
+excluded by a warm-up fit of the same shapes. emvi runs with the sequential ``lax.scan`` and
+with the parallel associative scan; the parallel scan does O(t k^3) work against O(t k^2) and
+holds (t, k, k, k) temporaries, so on a CPU it is slower, and for the long case it is run on
+the first ``parallel_long_t`` steps only (the full 100,000 would need about t k^3 * 8 bytes =
 12 GB).
 
-dynamax is not timed: it installs next to jax 0.10.2, but pulls an unpinned
-``tfp-nightly`` and a web-UI stack (python-fasthtml, uvicorn, ...) that this project does
-not pin (see the README).
+dynamax (the ``bench`` extra of pyproject.toml; skipped, with ``"dynamax": false`` in the
+row, when it does not import) runs ``DiagonalGaussianHMM.fit_em`` for ``iters`` iterations.
+Its history is log p(x | theta) + log p(theta) and its M-step is the posterior mode, so its
+hyperparameters are set to the flat prior: Dirichlet concentrations 1 (the next float above
+1: TFP's Dirichlet mode is NaN at exactly 1) and the normal-inverse-gamma prior
+N(mu | mu_0, sigma^2 / kappa_0) IG(sigma^2 | alpha_0, beta_0) with kappa_0 = 0,
+alpha_0 = -3/2, beta_0 = 0, whose density is proportional to 1, so that the mode is the ML
+update
+
+    mu = S_x / n,    sigma^2 = (S_xx - n mu^2) / 2 / (alpha_0 + n / 2 + 3 / 2) = S_xx / n - mu^2.
+
+That prior is improper (dynamax's ``log_prior`` is NaN there), so a subclass replaces
+``log_prior`` by the constant 0, and the history is then the log-likelihood alone, compared
+with emvi's and hmmlearn's (``dynamax_history_rel_diff_emvi``, ``..._hmmlearn``). Untimed,
+one more fit with dynamax's default priors gives ``dynamax_default_prior_history_rel_diff_emvi``:
+how far its stock objective (MAP, prior included) is from the ML history. ``fit_em`` jits a
+fresh closure on each call, so called as is it recompiles on every fit; it is timed inside one
+``jax.jit`` (with ``verbose=False``, its documented use under jit).
 
 Usage::
 
     nice -n 10 python scripts/bench_hmm.py --out runs/bench_hmm.json
     python scripts/bench_hmm.py --quick
+    pip install -e ".[bench]"   # dynamax, for its column
 """
 
 from __future__ import annotations
@@ -122,12 +138,64 @@ def _hmmlearn(x, p0, iters):
     return run
 
 
+def _dynamax(x, p0, iters, flat_prior=True):
+    """A jitted ``fit_em`` of dynamax's ``DiagonalGaussianHMM`` from ``p0`` (None: not installed).
+
+    With ``flat_prior`` the hyperparameters are those of the flat prior: Dirichlet
+    concentrations just above 1 (TFP's Dirichlet mode is NaN at exactly 1, where a zero count
+    would land), and the normal-inverse-gamma with kappa_0 = 0, alpha_0 = -3/2, beta_0 = 0, whose
+    density N(mu | mu_0, sigma^2 / kappa_0) IG(sigma^2 | alpha_0, beta_0) is proportional to
+    sigma^-1 (sigma^2)^(1/2) = 1 (Lebesgue in (mu, sigma^2)). Its posterior mode is then the ML
+    update: mu = S_x / n and sigma^2 = (S_xx - n mu^2) / (n / 2 + alpha_0 + 3/2) * (1/2)
+    = S_xx / n - mu^2. That prior is improper, so dynamax's ``log_prior`` is NaN there; it is
+    replaced by its constant, 0, so that ``fit_em``'s history is the log-likelihood alone.
+    Without ``flat_prior``: dynamax's default priors and its own ``log_prior``.
+    """
+    try:
+        from dynamax.hidden_markov_model import DiagonalGaussianHMM
+    except ImportError:
+        return None
+
+    class FlatDiagonalGaussianHMM(DiagonalGaussianHMM):
+        def log_prior(self, params):
+            return jnp.zeros(())
+
+    k, d = p0.emission.means.shape
+    if flat_prior:
+        above_one = float(np.nextafter(1.0, 2.0))
+        model = FlatDiagonalGaussianHMM(
+            k, d, initial_probs_concentration=above_one,
+            transition_matrix_concentration=above_one, emission_prior_mean_concentration=0.0,
+            emission_prior_concentration=-1.5, emission_prior_scale=0.0,
+        )  # fmt: skip
+    else:
+        model = DiagonalGaussianHMM(k, d)
+    params, props = model.initialize(
+        initial_probs=p0.initial, transition_matrix=p0.transition,
+        emission_means=p0.emission.means, emission_scale_diags=jnp.sqrt(p0.emission.covariances),
+    )  # fmt: skip
+    # fit_em jits a fresh closure on every call, so it would recompile every time: jit it whole
+    # (its documented use inside jit is verbose=False).
+    fit = jax.jit(lambda p, e: model.fit_em(p, props, e, num_iters=iters, verbose=False))
+    xj = jnp.asarray(x)
+
+    def run():
+        return jax.block_until_ready(fit(params, xj))
+
+    return run
+
+
+def _rel_diff(a, b) -> float:
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
 def bench_case(name, x, p0, args: Args, parallel_t: int | None = None) -> dict:
     n, t, d = x.shape
     k = p0.initial.shape[0]
     row = dict(case=name, n=n, t=t, k=k, d=d, iters=args.iters)
+    run = _hmmlearn(x, p0, args.iters)  # imports hmmlearn outside the timing
     t0 = time.perf_counter()
-    ref = _hmmlearn(x, p0, args.iters)()  # one timed fit: hmmlearn has no compile step
+    ref = run()  # one timed fit: hmmlearn has no compile step
     row["hmmlearn_ms_per_iter"] = 1e3 * (time.perf_counter() - t0) / args.iters
     hist_ref = np.asarray(ref.monitor_.history)
     print(name, "hmmlearn", row["hmmlearn_ms_per_iter"], "ms/iter", flush=True)
@@ -141,10 +209,27 @@ def bench_case(name, x, p0, args: Args, parallel_t: int | None = None) -> dict:
         print(name, key, row[f"emvi_{key}_ms_per_iter"], "ms/iter", flush=True)
         if xs.shape[1] == t:
             hist = np.asarray(res.history) * n
-            row[f"emvi_{key}_history_rel_diff"] = float(
-                np.max(np.abs(hist - hist_ref) / np.abs(hist_ref))
-            )
+            row[f"emvi_{key}_history_rel_diff"] = _rel_diff(hist, hist_ref)
+            if not parallel:
+                hist_emvi = hist
     row["speedup_sequential"] = row["hmmlearn_ms_per_iter"] / row["emvi_sequential_ms_per_iter"]
+    run = _dynamax(x, p0, args.iters)
+    row["dynamax"] = run is not None
+    if run is not None:
+        _, hist_dyn = run()  # compile
+        row["dynamax_ms_per_iter"] = 1e3 * _time(run, args.repeats) / args.iters
+        print(name, "dynamax", row["dynamax_ms_per_iter"], "ms/iter", flush=True)
+        row["dynamax_history_rel_diff_emvi"] = _rel_diff(np.asarray(hist_dyn), hist_emvi)
+        row["dynamax_history_rel_diff_hmmlearn"] = _rel_diff(np.asarray(hist_dyn), hist_ref)
+        row["dynamax_over_emvi_sequential"] = (
+            row["dynamax_ms_per_iter"] / row["emvi_sequential_ms_per_iter"]
+        )
+        # Untimed: dynamax's default priors, whose history is log p(x | theta) + log p(theta)
+        # and whose M-step is MAP: how far that objective is from the ML history.
+        _, hist_def = _dynamax(x, p0, args.iters, flat_prior=False)()
+        row["dynamax_default_prior_history_rel_diff_emvi"] = _rel_diff(
+            np.asarray(hist_def), hist_emvi
+        )
     print(json.dumps(row), flush=True)
     return row
 
