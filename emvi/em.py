@@ -22,11 +22,19 @@ The driver follows scikit-learn's stopping rule: iteration ``t`` records the mea
 log-likelihood of the parameters it starts from, and the loop stops once two consecutive
 records differ by less than ``tol`` (``tol=0`` runs exactly ``max_iter`` iterations).
 
+Restarts (a leading axis ``r`` of the initial parameters) run as one program: as
+``jax.vmap`` of the loop, or, when the model's E-step carries a batched version of itself
+(:class:`BatchedEStep`), as one loop over all restarts whose E-step is that batched call
+(:func:`emvi.gmm.batched_e_step` folds the restarts into the component axis and takes the
+rows in blocks). Both give the same results: a converged restart's parameters are frozen
+while the others run on, exactly as ``vmap`` of a ``lax.while_loop`` does.
+
 Shape letters: ``n`` data points, ``t`` iterations, ``r`` restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,6 +47,39 @@ from jaxtyping import Array, Bool, Float, Int
 from emvi import _checks
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedEStep:
+    """An E-step that can also run many restarts at once: what a model's ``e_step`` may be.
+
+    Calling it is calling ``e_step``. ``batched`` is ``(params_r, data, weights) ->
+    (stats_r, log_lik_sums)``: ``params_r`` carries a leading restart axis ``r`` on every
+    leaf, and it returns what ``jax.vmap(e_step, in_axes=(0, None, None))`` returns (the
+    statistics of each restart with leading axis r, and the (r,) weighted log-likelihood
+    sums), computed in one pass over the data (a mixture folds the restarts into its
+    component axis). :func:`fit` and :func:`run_em_restarts` use it for r > 1.
+
+    The batched E-step rides on the E-step it batches, not beside it in the model, so a
+    model derived by replacing ``e_step`` (``model._replace(e_step=...)``, as
+    :func:`emvi.missing.fixed_responsibilities` and :func:`emvi.parallel.data_parallel` do)
+    loses it, instead of keeping a batched version of the old E-step.
+
+    Example:
+      >>> def e(params, x, w):
+      ...     return jnp.sum(w * x) * params, jnp.sum(w)
+      >>> def e_r(params_r, x, w):
+      ...     return jnp.sum(w * x) * params_r, jnp.broadcast_to(jnp.sum(w), params_r.shape)
+      >>> step = BatchedEStep(e, e_r)
+      >>> float(step(jnp.asarray(2.0), jnp.ones(3), jnp.ones(3))[0])
+      6.0
+    """
+
+    e_step: Callable[..., tuple[PyTree, Array]]
+    batched: Callable[..., tuple[PyTree, Array]]
+
+    def __call__(self, params: PyTree, data: PyTree, weights: Array) -> tuple[PyTree, Array]:
+        return self.e_step(params, data, weights)
 
 
 class ExactModel(NamedTuple):
@@ -60,7 +101,9 @@ class ExactModel(NamedTuple):
     Attributes:
       e_step: ``(params, data, weights) -> (stats, log_lik_sum)``. ``stats`` is a pytree of
         expected sufficient statistics summed over the data with ``weights`` (n,);
-        ``log_lik_sum`` is :math:`\sum_i w_i \log p(x_i)` at ``params``.
+        ``log_lik_sum`` is :math:`\sum_i w_i \log p(x_i)` at ``params``. It may be a
+        :class:`BatchedEStep`, which also runs many restarts in one call (then
+        ``batched_e_step`` is that call; a speed-up, never a change of results).
       m_step: ``(stats, hyper) -> params``, the closed-form maximiser of the expected
         complete-data log-likelihood (plus log-prior for MAP-EM).
       log_prob: ``(params, data) -> (n,)``, :math:`\log p(x_i)`.
@@ -106,6 +149,13 @@ class ExactModel(NamedTuple):
     def prepare_data(self, x: PyTree) -> PyTree:
         """``prepare(x)``, or ``x`` itself when the model has no ``prepare``."""
         return self.prepare(x) if self.prepare is not None else x
+
+    @property
+    def batched_e_step(self) -> Callable[..., tuple[PyTree, Array]] | None:
+        """The optional batched E-step ``(params_r, data, weights) -> (stats_r, log_lik_sums)``
+        over a leading restart axis: ``e_step.batched`` when ``e_step`` is a
+        :class:`BatchedEStep`, else None (the restarts are then ``vmap``-ped)."""
+        return getattr(self.e_step, "batched", None)
 
 
 def require(model: ExactModel, *fields: str, purpose: str) -> None:
@@ -180,9 +230,28 @@ def chunked_e_step(
     Padding rows carry weight 0. The data's padding rows are copies of its first row, so the
     model is never evaluated on made-up values.
     """
+    return sum_over_chunks(model.e_step, params, data, weights, chunk_size=chunk_size)
+
+
+def sum_over_chunks(
+    e_step: Callable[..., tuple[PyTree, Array]],
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"],
+    *,
+    chunk_size: int | None,
+) -> tuple[PyTree, Array]:
+    """``e_step(params, data, weights)`` for any function returning sums over the data,
+    computed over chunks of ``chunk_size`` rows (padded as in :func:`chunked_e_step`) and
+    added; one call when ``chunk_size`` is None or at least n.
+
+    :func:`chunked_e_step` is this for ``model.e_step``; the restarts' batched E-step
+    (:class:`BatchedEStep`) is chunked by it too, and a model may use it to block its own
+    E-step over rows.
+    """
     n = _leading_dim(data)
     if chunk_size is None or chunk_size >= n:
-        return model.e_step(params, data, weights)
+        return e_step(params, data, weights)
     num_chunks = -(-n // chunk_size)
     pad = num_chunks * chunk_size - n
 
@@ -200,7 +269,7 @@ def chunked_e_step(
     def body(carry, chunk):
         stats, ll = carry
         chunk_data, chunk_w = chunk
-        s, l_ = model.e_step(params, chunk_data, chunk_w)
+        s, l_ = e_step(params, chunk_data, chunk_w)
         return (jax.tree_util.tree_map(jnp.add, stats, s), ll + l_), None
 
     # The sums start from zeros (0 + s is s exactly) rather than from the first chunk's
@@ -208,9 +277,7 @@ def chunked_e_step(
     # scan body's parameter-only work (a GMM's Cholesky solves) out of the loop without
     # merging it with the first call's, and two LAPACK calls that may run at once deadlock
     # jaxlib 0.10.2's CPU runtime (issue 13; tests/test_hang_regression.py).
-    shapes = jax.eval_shape(
-        model.e_step, params, jax.tree_util.tree_map(lambda c: c[0], chunks), w[0]
-    )
+    shapes = jax.eval_shape(e_step, params, jax.tree_util.tree_map(lambda c: c[0], chunks), w[0])
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (stats, ll), _ = lax.scan(body, zeros, (chunks, w))
     return stats, ll
@@ -483,6 +550,112 @@ def select_best(results: EMResult) -> tuple[EMResult, Int[Array, ""]]:
     return jax.tree_util.tree_map(lambda leaf: leaf[best], results), best
 
 
+def _run_restarts(model, params, data, weights, *, max_iter, tol, hyper, chunk_size) -> EMResult:
+    """Every restart (leading axis r of ``params``) to convergence: an :class:`EMResult` whose
+    leaves have a leading axis r. ``vmap`` of :func:`run_em`, or, when the model has a
+    ``batched_e_step`` and r > 1, :func:`_run_em_batched` (the same results)."""
+    r = _leading_axes(params, 1)[0]
+    if model.batched_e_step is None or r == 1:
+        return jax.vmap(
+            lambda p: run_em(
+                model,
+                p,
+                data,
+                weights,
+                max_iter=max_iter,
+                tol=tol,
+                hyper=hyper,
+                chunk_size=chunk_size,
+            )
+        )(params)
+    return _run_em_batched(
+        model, params, data, weights, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
+    )
+
+
+def _check_batched_e_step(model: ExactModel, params: PyTree, data: PyTree, weights) -> None:
+    """At trace time: ``batched_e_step`` must return the structure, shapes and dtypes of
+    ``vmap(e_step)`` (nothing is computed)."""
+    want = jax.eval_shape(jax.vmap(model.e_step, in_axes=(0, None, None)), params, data, weights)
+    got = jax.eval_shape(model.batched_e_step, params, data, weights)
+    leaves_got, tree_got = jax.tree_util.tree_flatten(got)
+    leaves_want, tree_want = jax.tree_util.tree_flatten(want)
+    same = tree_got == tree_want and all(
+        (a.shape, a.dtype) == (b.shape, b.dtype)
+        for a, b in zip(leaves_got, leaves_want, strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "the model's batched_e_step does not return what vmap of its e_step returns: "
+            f"got {got}, expected {want} (statistics with a leading restart axis r and (r,) "
+            "log-likelihood sums)."
+        )
+
+
+def _run_em_batched(
+    model: ExactModel,
+    params: PyTree,
+    data: PyTree,
+    weights: Float[Array, " n"] | None,
+    *,
+    max_iter: int,
+    tol: float | Array,
+    hyper: PyTree,
+    chunk_size: int | None,
+) -> EMResult:
+    r"""All r restarts in one ``lax.while_loop`` whose E-step is ``model.batched_e_step``.
+
+    The loop runs while any restart runs (:math:`t_\rho <` ``max_iter`` and not converged);
+    each iteration computes the E-step of every restart in one batched call (chunked over
+    the data like :func:`chunked_e_step`) and the M-step of every restart (``vmap``), then
+    keeps the new state of the running restarts only, so a stopped restart's parameters,
+    log-likelihood, history, iteration count and flag are frozen: what ``vmap`` of
+    :func:`run_em` computes, since ``vmap`` of a ``lax.while_loop`` selects the same way.
+    The final log-likelihood of each restart is one more batched E-step's
+    :math:`\sum_i w_i \log p(x_i) / \sum_i w_i`, which is :func:`mean_log_prob` (the
+    protocol's E-step returns that sum), in one pass for all restarts.
+    """
+    n = _leading_dim(data)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if weights is None:
+        weights = jnp.ones(n, dtype)
+    _check_batched_e_step(model, params, data, weights)
+    r = _leading_axes(params, 1)[0]
+    steps = jnp.arange(max_iter, dtype=jnp.int32)  # the dtype of EMState.iteration
+
+    def running(state):
+        return (state.iteration < max_iter) & ~state.converged
+
+    def keep(mask, new, old):
+        return jnp.where(mask.reshape(r, *(1,) * (jnp.ndim(new) - 1)), new, old)
+
+    def cond(carry):
+        return jnp.any(running(carry[0]))
+
+    def body(carry):
+        state, history = carry
+        active = running(state)
+        stats, ll_sum = sum_over_chunks(
+            model.batched_e_step, state.params, data, weights, chunk_size=chunk_size
+        )
+        ll = (ll_sum / jnp.sum(weights)).astype(dtype)
+        new_params = jax.vmap(lambda s: model.m_step(s, hyper))(stats)
+        change = ll - state.log_likelihood
+        new = EMState(new_params, ll, state.iteration + 1, jnp.abs(change) < tol)
+        slot = active[:, None] & (steps[None, :] == state.iteration[:, None])
+        history = jnp.where(slot, ll[:, None], history)
+        state = jax.tree_util.tree_map(lambda a, b: keep(active, a, b), new, state)
+        return state, history
+
+    history0 = jnp.full((r, max_iter), jnp.nan, dtype)
+    state, history = lax.while_loop(cond, body, (jax.vmap(em_init)(params), history0))
+    _, final_sum = sum_over_chunks(
+        model.batched_e_step, state.params, data, weights, chunk_size=chunk_size
+    )
+    final_ll = (final_sum / jnp.sum(weights)).astype(dtype)
+    return EMResult(state.params, final_ll, history, state.iteration, state.converged)
+
+
 def run_em_restarts(
     model: ExactModel,
     params: PyTree,
@@ -494,8 +667,10 @@ def run_em_restarts(
     hyper: PyTree = None,
     chunk_size: int | None = None,
 ) -> tuple[EMResult, EMResult]:
-    """Runs a batch of initialisations (leading axis ``r`` of ``params``) as one vmapped
-    program and returns ``(best, all_results)``; checked as :func:`run_em`."""
+    """Runs a batch of initialisations (leading axis ``r`` of ``params``) as one program
+    (``vmap`` of :func:`run_em`, or one loop over the model's ``batched_e_step`` when it
+    has one and r > 1, with the same results) and returns ``(best, all_results)``; checked
+    as :func:`run_em`."""
     _validate(
         model,
         params,
@@ -508,18 +683,9 @@ def run_em_restarts(
         prepared=True,
         lead_axes=1,
     )
-    batched = jax.vmap(
-        lambda p: run_em(
-            model,
-            p,
-            data,
-            weights,
-            max_iter=max_iter,
-            tol=tol,
-            hyper=hyper,
-            chunk_size=chunk_size,
-        )
-    )(params)
+    batched = _run_restarts(
+        model, params, data, weights, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
+    )
     best, _ = select_best(batched)
     return best, batched
 
@@ -552,11 +718,9 @@ def _fit(model, params, x, weights, tol, hyper, *, max_iter, chunk_size):
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     if weights is None:
         weights = jnp.ones(n, dtype)
-    runs = jax.vmap(
-        lambda p: run_em(
-            model, p, data, weights, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
-        )
-    )(params)
+    runs = _run_restarts(
+        model, params, data, weights, max_iter=max_iter, tol=tol, hyper=hyper, chunk_size=chunk_size
+    )
     score = runs.log_likelihood
     if model.log_prior is not None:
         # MAP-EM climbs the log posterior: pick the restart that reached the highest one.
@@ -590,12 +754,14 @@ def fit(
     chunk_size: int | None = None,
     allow_missing: bool = False,
 ) -> FitResult:
-    """The one fit driver: ``prepare`` the data, run every restart as one vmapped program, keep
-    the best.
+    """The one fit driver: ``prepare`` the data, run every restart as one program, keep the
+    best.
 
     Each model's ``fit`` validates its inputs, draws ``params`` (a batch of initialisations
     with a leading restart axis ``r``, from its ``init_params``) and calls this. The restarts
-    run to convergence on device (:func:`run_em`, a ``lax.while_loop``); the kept one has the
+    run to convergence on device (:func:`run_em`, a ``lax.while_loop``, vmapped; or, for a
+    model whose ``e_step`` is a :class:`BatchedEStep` and r > 1, one loop whose E-step runs
+    all restarts in one call, with the same results); the kept one has the
     highest final log-likelihood, or, when the model has a ``log_prior``, the highest log
     posterior (the objective MAP-EM climbs). The model's ``fit`` validates what is
     specific to it; this checks what every model shares (below).

@@ -270,3 +270,99 @@ def test_chunked_run_em_equals_the_e_step_of_before_issue_13(case, monkeypatch):
     )
     for a, b in zip(jax.tree_util.tree_leaves(now), jax.tree_util.tree_leaves(before), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------
+# Restarts through a batched E-step (em.BatchedEStep): the same results as vmap
+# ---------------------------------------------------------------------------------------
+
+
+def _toy_batched_e_step(params, x, w):
+    """The toy's E-step of r restarts at once, written out: log joint (n, r, k)."""
+    weights, means = params  # (r, k) each
+    diff = x[:, None, None] - means[None, :, :]
+    lj = jnp.log(weights)[None] - 0.5 * diff**2 - 0.5 * jnp.log(2 * jnp.pi)
+    ll = jax.scipy.special.logsumexp(lj, axis=2)  # (n, r)
+    r = jax.nn.softmax(lj, axis=2) * w[:, None, None]
+    return (jnp.sum(r, axis=0), jnp.einsum("nrk,n->rk", r, x)), jnp.sum(w[:, None] * ll, axis=0)
+
+
+TOY_BATCHED = TOY._replace(e_step=em.BatchedEStep(_e_step, _toy_batched_e_step))
+
+# Five restarts of the toy; with tol=1e-6 they stop after different numbers of iterations.
+INITS = (
+    jnp.array([[1 / 3] * 3, [0.1, 0.1, 0.8], [0.6, 0.2, 0.2], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]]),
+    jnp.array(
+        [[-4.0, 0.0, 3.0], [5.0, 5.1, 5.2], [-0.1, 0.0, 0.1], [-2.0, 1.0, 2.0], [0.0, 2.0, 6.0]]
+    ),
+)
+
+
+def _assert_same_runs(a, b):
+    """Integer and boolean leaves identical; float leaves to 1e-12 relative (of each entry,
+    or of the leaf's largest entry for one that cancels near 0) with NaN where NaN. The two
+    paths sum the same terms in another order, so they differ by rounding (~1e-15) grown
+    over the iterations, far below 1e-12; a restart frozen one iteration late or early
+    differs by the size of an EM step instead."""
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        u, v = np.asarray(u), np.asarray(v)
+        assert u.shape == v.shape and u.dtype == v.dtype
+        if v.dtype.kind != "f":
+            np.testing.assert_array_equal(u, v)
+            continue
+        scale = np.max(np.abs(v[np.isfinite(v)]), initial=0.0)
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_fit_with_a_batched_e_step_equals_the_vmapped_restarts(chunk_size):
+    x = _data(13)
+    w = jnp.asarray(np.random.default_rng(13).uniform(0.5, 2.0, x.shape[0]))
+    kw = dict(max_iter=200, tol=1e-6, chunk_size=chunk_size)
+    _, runs = em.run_em_restarts(TOY, INITS, x, w, **kw)
+    iters = np.asarray(runs.num_iter)
+    # The case the frozen-restart logic is for: different stopping iterations, all < max_iter.
+    assert len(set(iters.tolist())) >= 3 and bool(np.all(np.asarray(runs.converged)))
+    _, runs_b = em.run_em_restarts(TOY_BATCHED, INITS, x, w, **kw)
+    _assert_same_runs(runs_b, runs)
+    best = em.fit(TOY, INITS, x, w, **kw)
+    best_b = em.fit(TOY_BATCHED, INITS, x, w, **kw)
+    _assert_same_runs(best_b, best)
+    assert int(np.argmax(best_b.restart_log_likelihoods)) == int(np.argmax(runs.log_likelihood))
+    # fit_many: the batched loop vmapped over data sets.
+    xs = jnp.stack([x, _data(14)])
+    ps = jax.tree_util.tree_map(lambda a: jnp.stack([a, a[::-1]]), INITS)
+    many = em.fit_many(TOY, ps, xs, jnp.stack([w, w]), **kw)
+    _assert_same_runs(em.fit_many(TOY_BATCHED, ps, xs, jnp.stack([w, w]), **kw), many)
+
+
+def test_batched_e_step_is_used_for_restarts_only_and_dropped_with_the_e_step():
+    calls = []
+
+    def counting(params, x, w):
+        calls.append(1)  # runs when traced
+        return _toy_batched_e_step(params, x, w)
+
+    model = TOY._replace(e_step=em.BatchedEStep(_e_step, counting))
+    assert model.batched_e_step is counting and TOY.batched_e_step is None
+    x = _data(15, n=50)
+    one = jax.tree_util.tree_map(lambda a: a[:1], INITS)
+    res = em.fit(model, one, x, max_iter=3, tol=0.0)
+    assert not calls  # one restart: the plain loop
+    np.testing.assert_allclose(res.history, em.fit(TOY, one, x, max_iter=3, tol=0.0).history)
+    em.fit(model, INITS, x, max_iter=3, tol=0.0)
+    assert calls
+    # Replacing the E-step (as missing.fixed_responsibilities and parallel.data_parallel do)
+    # must not keep a batched version of the old one.
+    assert model._replace(e_step=_e_step).batched_e_step is None
+    assert model.e_step(P0, x, jnp.ones(50))[1] == TOY.e_step(P0, x, jnp.ones(50))[1]
+
+
+def test_a_batched_e_step_of_the_wrong_shape_raises():
+    def wrong(params, x, w):  # the log-likelihood sums of the restarts summed again
+        stats, ll = _toy_batched_e_step(params, x, w)
+        return stats, jnp.sum(ll)
+
+    model = TOY._replace(e_step=em.BatchedEStep(_e_step, wrong))
+    with pytest.raises(ValueError, match="batched_e_step does not return what vmap"):
+        em.fit(model, INITS, _data(16, n=40), max_iter=2)
