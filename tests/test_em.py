@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp as np_logsumexp
 
-from emvi import em
+from emvi import em, testing
 from emvi.elbo import discrete_elbo
 
 
@@ -298,22 +298,6 @@ INITS = (
 )
 
 
-def _assert_same_runs(a, b):
-    """Integer and boolean leaves identical; float leaves to 1e-12 relative (of each entry,
-    or of the leaf's largest entry for one that cancels near 0) with NaN where NaN. The two
-    paths sum the same terms in another order, so they differ by rounding (~1e-15) grown
-    over the iterations, far below 1e-12; a restart frozen one iteration late or early
-    differs by the size of an EM step instead."""
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        u, v = np.asarray(u), np.asarray(v)
-        assert u.shape == v.shape and u.dtype == v.dtype
-        if v.dtype.kind != "f":
-            np.testing.assert_array_equal(u, v)
-            continue
-        scale = np.max(np.abs(v[np.isfinite(v)]), initial=0.0)
-        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12 * scale)
-
-
 @pytest.mark.parametrize("chunk_size", [None, 64])
 def test_fit_with_a_batched_e_step_equals_the_vmapped_restarts(chunk_size):
     x = _data(13)
@@ -324,16 +308,16 @@ def test_fit_with_a_batched_e_step_equals_the_vmapped_restarts(chunk_size):
     # The case the frozen-restart logic is for: different stopping iterations, all < max_iter.
     assert len(set(iters.tolist())) >= 3 and bool(np.all(np.asarray(runs.converged)))
     _, runs_b = em.run_em_restarts(TOY_BATCHED, INITS, x, w, **kw)
-    _assert_same_runs(runs_b, runs)
+    testing.assert_same_runs(runs_b, runs)
     best = em.fit(TOY, INITS, x, w, **kw)
     best_b = em.fit(TOY_BATCHED, INITS, x, w, **kw)
-    _assert_same_runs(best_b, best)
+    testing.assert_same_runs(best_b, best)
     assert int(np.argmax(best_b.restart_log_likelihoods)) == int(np.argmax(runs.log_likelihood))
     # fit_many: the batched loop vmapped over data sets.
     xs = jnp.stack([x, _data(14)])
     ps = jax.tree_util.tree_map(lambda a: jnp.stack([a, a[::-1]]), INITS)
     many = em.fit_many(TOY, ps, xs, jnp.stack([w, w]), **kw)
-    _assert_same_runs(em.fit_many(TOY_BATCHED, ps, xs, jnp.stack([w, w]), **kw), many)
+    testing.assert_same_runs(em.fit_many(TOY_BATCHED, ps, xs, jnp.stack([w, w]), **kw), many)
 
 
 def test_batched_e_step_is_used_for_restarts_only_and_dropped_with_the_e_step():

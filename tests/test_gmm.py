@@ -22,7 +22,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from emvi import gmm
-from emvi.testing import JIT_VARIANTS, assert_trees_close
+from emvi.testing import JIT_VARIANTS, assert_same_runs, assert_trees_close
 from emvi.testing import variant as variant_fn
 
 TYPES = ("full", "tied", "diag", "spherical")
@@ -675,22 +675,6 @@ def _restart_batch(x, ct, r, seed):
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *starts)
 
 
-def _assert_same_runs(a, b):
-    """Integer and boolean leaves identical, float leaves to 1e-12 relative (entrywise, or
-    of the leaf's largest finite entry for entries that cancel near 0, such as off-diagonal
-    covariances), NaN where NaN. The two E-steps sum the same products in another order, so
-    they differ by rounding, ~1e-15 grown to ~1e-14 over 30 iterations (measured); a
-    restart frozen an iteration early or late differs by a whole EM step."""
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        u, v = np.asarray(u), np.asarray(v)
-        assert u.shape == v.shape and u.dtype == v.dtype
-        if v.dtype.kind != "f":
-            np.testing.assert_array_equal(u, v)
-            continue
-        scale = np.max(np.abs(v[np.isfinite(v)]), initial=0.0)
-        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12 * scale)
-
-
 @pytest.mark.parametrize("ct", TYPES)
 def test_batched_e_step_equals_the_vmapped_e_step_over_blocks_of_rows(ct, monkeypatch):
     x = jnp.asarray(_blobs(20, n=300))
@@ -699,12 +683,12 @@ def test_batched_e_step_equals_the_vmapped_e_step_over_blocks_of_rows(ct, monkey
     data = gmm.prepare(x, covariance_type=ct)
     want = jax.vmap(lambda p: gmm.e_step(p, data, w, covariance_type=ct))(params)
     got = gmm.batched_e_step(params, data, w, covariance_type=ct)  # one block of 300 rows
-    _assert_same_runs(got, want)
+    assert_same_runs(got, want)
     # Blocks of 64 rows: 4 full ones and one padded with 20 zero-weight rows.
     monkeypatch.setattr(gmm, "_MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(gmm, "_BLOCK_BYTES", 64 * 3 * 3 * 8)
     blocked = gmm.batched_e_step(params, data, w, covariance_type=ct)
-    _assert_same_runs(blocked, want)
+    assert_same_runs(blocked, want)
     assert gmm.model(ct).batched_e_step.func is gmm.batched_e_step
 
 
@@ -730,8 +714,8 @@ def test_fit_with_the_batched_e_step_equals_the_vmapped_restarts(ct, chunk_size)
     # Restarts that stop at different iterations (the frozen-restart case).
     assert len(set(np.asarray(runs.num_iter).tolist())) >= 2
     _, runs_b = em.run_em_restarts(mdl, params, mdl.prepare(x), w, **kw)
-    _assert_same_runs(runs_b, runs)
+    assert_same_runs(runs_b, runs)
     best, best_b = em.fit(vmapped, params, x, w, **kw), em.fit(mdl, params, x, w, **kw)
-    _assert_same_runs(best_b, best)
+    assert_same_runs(best_b, best)
     chosen = int(np.argmax(best.restart_log_likelihoods))
     assert int(np.argmax(best_b.restart_log_likelihoods)) == chosen
