@@ -1401,9 +1401,10 @@ class ChainEncoder(nn.Module):
     """A 1-D convolutional encoder from :func:`encoder_inputs` (n, t, c) to the (n, t, k + k²)
     potentials of :func:`chain_posterior`: the amortized E-step of the HMM.
 
-    ``len(hidden)`` 'same'-padded convolutions over time (width ``kernel_size``, so the
-    receptive field is ``len(hidden) * (kernel_size - 1) + 1`` steps), then a dense unary head
-    on each step's features and a dense pairwise head on the features of steps t and t + 1.
+    ``len(hidden)`` 'same'-padded convolutions over time (:class:`emvi.nn.Conv1D`, width
+    ``kernel_size``, so the receptive field is ``len(hidden) * (kernel_size - 1) + 1``
+    steps), then a dense unary head on each step's features and a dense pairwise head on the
+    features of steps t and t + 1.
     Padded steps are zeroed at every layer and their potentials are 0.
 
     Attributes:
@@ -1425,7 +1426,7 @@ class ChainEncoder(nn.Module):
         mask = inputs[..., -1:]
         h = inputs[..., :-1]
         for i, width in enumerate(self.hidden):
-            conv = nn.Conv(width, (self.kernel_size,), padding="SAME", name=f"conv_{i}")
+            conv = emvi_nn.Conv1D(width, self.kernel_size, name=f"conv_{i}")
             h = act(conv(h)) * mask
         nxt = jnp.concatenate([h[:, 1:], jnp.zeros_like(h[:, :1])], axis=1)
         next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
@@ -1744,26 +1745,71 @@ def fit_chain_encoder(
     *,
     emission,
     hidden: tuple[int, ...] = (32, 32),
+    kernel_size: int = 3,
     num_steps: int = 1000,
     learning_rate: float = 1e-3,
 ) -> tuple[estep.EStep, estep.GradientEState]:
     r"""Trains a :class:`ChainEncoder` as the amortized E-step of a fixed HMM: ``num_steps``
     full-batch Adam steps on the mean ELBO of ``batch`` (jitted, one ``lax.scan``).
 
+    The encoder's chain gives every state path positive probability, so the HMM must too:
+    a zero in its initial distribution or transition matrix (maximum-likelihood EM can set
+    one) makes the ELBO :math:`-\infty` for every q of the family. Fit the HMM with a
+    Dirichlet prior above 1 (``prior=HMMHyper(1.01, 1.01)``) to keep every entry positive.
+
+    Args:
+      key: typed PRNG key (the encoder's initialisation).
+      params: the HMM, fixed.
+      batch: from :func:`make_batch`.
+      emission: the emission object.
+      hidden, kernel_size: the :class:`ChainEncoder`'s convolutions.
+      num_steps: Adam steps (>= 1).
+      learning_rate: Adam's step size.
+
     Returns:
       ``(amortized, state)``: the :func:`emvi.estep.amortized` E-step and its state; the
       encoder's q for any batch from :func:`make_batch` is
       ``amortized.q_of(state.variables, batch)``.
+
+    Raises:
+      ValueError: when the ELBO of the first q is not finite (a zero-probability path, see
+        above), or when training diverges.
     """
     key = _checks.as_key(key)
     num_steps = _checks.check_positive_int(num_steps, name="num_steps")
-    encoder = ChainEncoder(int(params.initial.shape[0]), hidden=tuple(hidden))
+    encoder = ChainEncoder(
+        int(params.initial.shape[0]), hidden=tuple(hidden), kernel_size=kernel_size
+    )
     amortized = estep.amortized(
         model(emission), encoder, optimizer=optax.adam(learning_rate), num_steps=num_steps
     )
     state = jax.jit(amortized.init)(key, params, batch)
-    state, _ = jax.jit(amortized.step)(key, state, params, batch)
+    start = np.asarray(_chain_elbo(params, state.q, batch.data, emission=emission))
+    if not np.all(np.isfinite(start)):
+        bad = int(np.sum(~np.isfinite(start)))
+        zeros = int(np.sum(np.asarray(params.initial) == 0)) + int(
+            np.sum(np.asarray(params.transition) == 0)
+        )
+        raise ValueError(
+            f"the ELBO of the encoder's first q is -inf or NaN for {bad} of {start.size} "
+            f"sequences. A chain q from finite potentials gives every path positive mass, so "
+            f"its ELBO is -inf wherever the model gives a path probability 0: the HMM has "
+            f"{zeros} zero entries in its initial distribution and transition matrix (or an "
+            "emission density is 0 on the data). Fit it with a Dirichlet prior above 1, e.g. "
+            "fit(..., prior=hmm.HMMHyper(1.01, 1.01)), so that every entry is positive."
+        )
+    state, info = jax.jit(amortized.step)(key, state, params, batch)
+    if not np.isfinite(float(info.elbo)):
+        raise ValueError(
+            f"training the encoder diverged (mean ELBO {float(info.elbo)} after {num_steps} "
+            f"steps); lower learning_rate (now {learning_rate})."
+        )
     return amortized, state
+
+
+@functools.partial(jax.jit, static_argnames=("emission",))
+def _chain_elbo(params, q, data, *, emission):
+    return model(emission).elbo(params, q, data)
 
 
 # ---------------------------------------------------------------------------------------

@@ -101,6 +101,47 @@ class MLP(nn.Module):
         return x
 
 
+class Conv1D(nn.Module):
+    r"""A 'SAME'-padded convolution over time, (n, t, c) -> (n, t, features), computed as one
+    matmul of the stacked shifted inputs (im2col):
+
+    .. math::
+        y_t = b + \sum_{s=0}^{w-1} h_{t + s - \lfloor w/2 \rfloor} K_s, \qquad h_\tau = 0
+        \text{ outside } [1, t],
+
+    the function of ``flax.linen.Conv(features, (w,), padding="SAME")`` with the same
+    parameters (``kernel`` (w, c, features), ``bias``) and the same initialisation (LeCun
+    normal with fan-in w c, zero bias), so the two give the same numbers from the same key.
+    XLA's CPU convolution is slow in float64 and the matmul is not: the gradient of the mean
+    ELBO of an ``hmm.ChainEncoder`` (hidden (64, 64), 8 states) over 1500 digit sequences of
+    8 steps took 961 ms with ``nn.Conv`` and 241 ms with this module (float64, 2-core CPU).
+
+    Attributes:
+      features: output channels.
+      kernel_size: w, odd.
+      param_dtype: dtype the parameters are created in (flax's default, float32).
+    """
+
+    features: int
+    kernel_size: int = 3
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Float[Array, "n t c"]) -> Float[Array, "n t f"]:
+        w = self.kernel_size
+        if w < 1 or w % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer; got {w}.")
+        c = h.shape[-1]
+        init = nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, (w, c, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias)
+        r, t = w // 2, h.shape[1]
+        padded = jnp.pad(h, ((0, 0), (r, r), (0, 0)))
+        cols = jnp.concatenate([padded[:, s : s + t] for s in range(w)], axis=-1)
+        return cols @ kernel.reshape(w * c, self.features) + bias[None, None, :]
+
+
 class GaussianEncoder(nn.Module):
     r"""Diagonal Gaussian q(z | x) = N(mean(x), diag(scale(x)^2)).
 

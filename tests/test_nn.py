@@ -1,5 +1,6 @@
 """Flax encoders and decoders: shapes, positive scales, log-likelihoods against SciPy."""
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +148,35 @@ def test_made_samples_are_binary():
     params = dec.init(jax.random.key(0), z, jnp.zeros((5, 4), jnp.float32))
     xs = np.asarray(dec.apply(params, jax.random.key(1), z, method="sample"))
     assert xs.shape == (5, 4) and set(np.unique(xs)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("width", [1, 3, 5])
+def test_conv1d_is_flax_same_conv_and_a_direct_sum(rng, width):
+    """Conv1D (im2col matmul) against flax's 'SAME' convolution from the same key (same
+    parameters, same outputs) and a NumPy float64 sum over the taps, in both dtypes."""
+    x64 = rng.normal(size=(4, 7, 3))
+    for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+        x = jnp.asarray(x64, dtype)
+        ours = enn.Conv1D(5, width)
+        flax_conv = linen.Conv(5, (width,), padding="SAME")
+        with jax.numpy_dtype_promotion("standard"):  # float32 parameters meet float64 x
+            p = ours.init(jax.random.key(3), x)
+            p_ref = flax_conv.init(jax.random.key(3), x)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        p = jax.tree.map(lambda a, dt=dtype: a.astype(dt), p)
+        y = ours.apply(p, x)
+        assert y.dtype == dtype and y.shape == (4, 7, 5)
+        np.testing.assert_allclose(y, flax_conv.apply(p, x), atol=tol)
+        kern = np.asarray(p["params"]["kernel"], np.float64)
+        bias = np.asarray(p["params"]["bias"], np.float64)
+        r = width // 2
+        padded = np.pad(x64, ((0, 0), (r, r), (0, 0)))
+        direct = bias + sum(padded[:, s : s + 7] @ kern[s] for s in range(width))
+        np.testing.assert_allclose(np.asarray(y, np.float64), direct, atol=tol)
+
+
+@pytest.mark.parametrize("width", [0, 2, -1])
+def test_conv1d_rejects_even_or_nonpositive_width(width):
+    with pytest.raises(ValueError, match="kernel_size"):
+        enn.Conv1D(2, width).init(jax.random.key(0), jnp.zeros((1, 4, 2)))
