@@ -48,7 +48,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -251,7 +253,7 @@ def main(args: Args) -> dict:
         jax=jax.__version__,
         backend=jax.default_backend(),
         cpus=os.cpu_count(),
-        command="python scripts/bench_hmm.py" + (" --quick" if args.quick else ""),
+        command=shlex.join(["python", "scripts/bench_hmm.py", *sys.argv[1:]]),
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

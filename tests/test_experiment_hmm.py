@@ -59,3 +59,20 @@ def test_hmm_experiment_smoke(tmp_path):
         (run / fig).unlink()
     written = exp.plot(run)
     assert sorted(p.name for p in written) == sorted(exp.FIGURES)
+
+
+bench = load_script(ROOT / "scripts/bench_hmm.py")
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_histories_agree_with_hmmlearn(tmp_path):
+    out = bench.main(bench.Args(quick=True, repeats=1, out=tmp_path / "bench.json"))
+    assert [r["case"] for r in out["rows"]] == ["batch", "long"]
+    for r in out["rows"]:
+        # same start, same iterations, float64: the histories agree to rounding
+        assert r["emvi_sequential_history_rel_diff"] < 1e-10, r
+        assert r["hmmlearn_ms_per_iter"] > 0 and r["emvi_sequential_ms_per_iter"] > 0
+    # the parallel scan runs the whole batch case (the long case on a prefix, untested here)
+    assert out["rows"][0]["emvi_parallel_history_rel_diff"] < 1e-10
+    assert out["command"].startswith("python scripts/bench_hmm.py")
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(out))
