@@ -8,7 +8,8 @@ That method, a ``data_dim`` attribute and ``sample(key, z)`` are all the VAEs of
 :mod:`emvi.vae` ask of a decoder; ``likelihood`` ("bernoulli" or "gaussian") says which data
 it can score. Three decoders are here: the factorised :class:`BernoulliDecoder` and
 :class:`GaussianDecoder`, and the autoregressive :class:`MADEDecoder`, strong enough to
-model x without the latent (what makes posterior collapse possible).
+model x without the latent (what makes posterior collapse possible). :class:`Conv1D` is a
+convolution over time for sequence encoders (``hmm.ChainEncoder``).
 
 Shape letters: ``n`` data points, ``d`` data dimension, ``l`` latent dimension, ``m``
 classes of a categorical latent, ``s`` Monte Carlo samples. ``...`` is any batch shape.
