@@ -25,6 +25,18 @@ from emvi import linear_gaussian as lg
 CTS = ("full", "tied", "diag", "spherical")
 
 
+def _compiled(fn, params, *args, **kwargs):
+    """``fn(params, *args, **kwargs)`` as one compiled program. Called eagerly, the scoring
+    functions (host-side validation of ``x``, then jnp) compile each primitive as its own
+    small XLA program, about five times the cost of compiling the whole (measured); here the
+    data are constants of the program, validated on the host while it is traced."""
+    return jax.jit(lambda p: fn(p, *args, **kwargs))(params)
+
+
+_gmm_e_step = jax.jit(gmm.e_step, static_argnames=("covariance_type",))
+_gmm_masked_e_step = jax.jit(gmm.masked_e_step, static_argnames=("covariance_type",))
+
+
 def _mask(rng, n, d, frac):
     """Entries missing at random with probability ``frac``; every row keeps one entry."""
     mask = rng.random((n, d)) > frac
@@ -128,9 +140,10 @@ def test_gmm_masked_e_step_with_nothing_missing_equals_e_step(rng, ct):
     x = rng.normal(size=(25, 3))
     p = _gmm_params(rng, 3, 3, ct)
     w = jnp.asarray(rng.random(25) + 0.5)
-    plain = gmm.e_step(p, gmm.prepare(jnp.asarray(x), covariance_type=ct), w, covariance_type=ct)
+    prepared = gmm.prepare(jnp.asarray(x), covariance_type=ct)
+    plain = _gmm_e_step(p, prepared, w, covariance_type=ct)
     data = missing.MaskedData(jnp.asarray(x), jnp.ones(x.shape))
-    masked = gmm.masked_e_step(p, data, w, covariance_type=ct)
+    masked = _gmm_masked_e_step(p, data, w, covariance_type=ct)
     for a, b in zip(
         jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(masked), strict=True
     ):
@@ -148,9 +161,10 @@ def test_gmm_observed_log_prob_matches_scipy_marginals(rng, ct):
     p = _gmm_params(rng, 3, 4, ct)
     lj, _, _ = _oracle_gmm_conditionals(p, ct, x, mask)
     expect = logsumexp(lj, axis=1)
-    np.testing.assert_allclose(gmm.observed_log_prob(p, xn, covariance_type=ct), expect, atol=1e-9)
+    got = _compiled(gmm.observed_log_prob, p, xn, covariance_type=ct)
+    np.testing.assert_allclose(got, expect, atol=1e-9)
     # The same entries given by a mask (values under it ignored, even where not NaN).
-    got = gmm.observed_log_prob(p, np.where(mask, x, 123.0), mask, covariance_type=ct)
+    got = _compiled(gmm.observed_log_prob, p, np.where(mask, x, 123.0), mask, covariance_type=ct)
     np.testing.assert_allclose(got, expect, atol=1e-9)
 
 
@@ -170,7 +184,7 @@ def test_linear_gaussian_observed_log_prob_matches_scipy(rng, noise):
     expect = [
         multivariate_normal(mu[o], c[np.ix_(o, o)]).logpdf(x[i, o]) for i, o in enumerate(mask)
     ]
-    got = lg.observed_log_prob(p, np.where(mask, x, np.nan))
+    got = _compiled(lg.observed_log_prob, p, np.where(mask, x, np.nan))
     np.testing.assert_allclose(got, expect, atol=1e-9)
 
 
@@ -240,8 +254,8 @@ def test_gmm_one_em_step_matches_numpy_oracle(rng, ct):
     }[ct]
 
     data = missing.MaskedData(jnp.asarray(np.where(mask, x, 0.0)), jnp.asarray(mask, jnp.float64))
-    stats, ll = gmm.masked_e_step(p, data, jnp.asarray(w), covariance_type=ct)
-    new = gmm.m_step(stats, gmm.GMMHyper(jnp.asarray(reg)), covariance_type=ct)
+    stats, ll = _gmm_masked_e_step(p, data, jnp.asarray(w), covariance_type=ct)
+    new = _compiled(gmm.m_step, stats, gmm.GMMHyper(jnp.asarray(reg)), covariance_type=ct)
     np.testing.assert_allclose(ll, np.sum(w * logsumexp(lj, axis=1)), rtol=1e-10)
     np.testing.assert_allclose(new.weights, nk / nk.sum(), rtol=1e-9)
     np.testing.assert_allclose(new.means, means, rtol=1e-9, atol=1e-9)
@@ -295,9 +309,13 @@ def test_linear_gaussian_one_em_step_matches_gaussian_conditioning(rng, noise):
         jnp.asarray(rng.normal(size=d)),
         jnp.asarray(psi[0] if noise == "isotropic" else psi),
     )
-    data = lg.prepare_missing(jnp.asarray(np.where(mask, x, 0.0)), jnp.asarray(mask, jnp.float64))
-    stats, _ = lg.masked_e_step(p, data, jnp.asarray(w))
-    new = lg.m_step(stats, lg.make_hyper(None, 1e-12, jnp.float64), noise=noise)
+    values, observed = jnp.asarray(np.where(mask, x, 0.0)), jnp.asarray(mask, jnp.float64)
+
+    def one_step(p):
+        stats, _ = lg.masked_e_step(p, lg.prepare_missing(values, observed), jnp.asarray(w))
+        return lg.m_step(stats, lg.make_hyper(None, 1e-12, jnp.float64), noise=noise)
+
+    new = jax.jit(one_step)(p)
     want_w, want_mu, want_psi = _oracle_lg_step(p, x, mask, w, noise)
     np.testing.assert_allclose(new.loadings, want_w, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(new.mean, want_mu, rtol=1e-9, atol=1e-9)
@@ -340,7 +358,7 @@ def test_gmm_em_is_monotone_with_30_percent_missing(rng, ct):
     _assert_monotone(res.history, abs(float(res.log_likelihood)))
     assert np.isfinite(float(res.log_likelihood))
     # The reported value is the observed-data log-likelihood of the returned params.
-    ll = gmm.observed_log_prob(res.params, xn, covariance_type=ct)
+    ll = _compiled(gmm.observed_log_prob, res.params, xn, covariance_type=ct)
     np.testing.assert_allclose(res.log_likelihood, jnp.mean(ll), rtol=1e-10)
 
 
@@ -377,7 +395,7 @@ def test_gmm_impute_matches_numpy(rng, ct):
     lj, xh, _ = _oracle_gmm_conditionals(p, ct, x, mask)
     r = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
     expect = np.einsum("nk,nkd->nd", r, xh)
-    got = np.asarray(gmm.impute(p, xn, covariance_type=ct))
+    got = np.asarray(_compiled(gmm.impute, p, xn, covariance_type=ct))
     np.testing.assert_allclose(got, expect, atol=1e-9)
     assert np.array_equal(got[mask], x[mask])  # observed entries untouched
 
@@ -395,7 +413,9 @@ def test_linear_gaussian_and_bernoulli_impute_match_numpy(rng):
     for i, o in enumerate(mask):
         m = ~o
         expect[i, m] = mu[m] + c[np.ix_(m, o)] @ np.linalg.solve(c[np.ix_(o, o)], x[i, o] - mu[o])
-    np.testing.assert_allclose(lg.impute(p, np.where(mask, x, np.nan)), expect, atol=1e-9)
+    np.testing.assert_allclose(
+        _compiled(lg.impute, p, np.where(mask, x, np.nan)), expect, atol=1e-9
+    )
 
     xb = (rng.random((12, 5)) < 0.5).astype(np.float64)
     maskb = _mask(rng, 12, 5, 0.4)
@@ -407,7 +427,8 @@ def test_linear_gaussian_and_bernoulli_impute_match_numpy(rng):
         lj = lw + (xb[i, o] * np.log(mub[:, o]) + (1 - xb[i, o]) * np.log(1 - mub[:, o])).sum(1)
         r = np.exp(lj - logsumexp(lj))
         expect[i, ~o] = r @ mub[:, ~o]
-    np.testing.assert_allclose(bm.impute(pb, np.where(maskb, xb, np.nan)), expect, atol=1e-12)
+    got = _compiled(bm.impute, pb, np.where(maskb, xb, np.nan))
+    np.testing.assert_allclose(got, expect, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,10 +445,10 @@ def test_gmm_float32_fit_with_missing_values(rng):
     # float32 rounding of O(10) terms is ~1e-6 relative; allow 1e-4 absolute.
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), res.params)
     lj, _, _ = _oracle_gmm_conditionals(p64, ct, x, mask)
-    got = gmm.observed_log_prob(res.params, xn.astype(np.float32), covariance_type=ct)
+    got = _compiled(gmm.observed_log_prob, res.params, xn.astype(np.float32), covariance_type=ct)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, logsumexp(lj, axis=1), atol=1e-4)
-    imp = gmm.impute(res.params, xn.astype(np.float32), covariance_type=ct)
+    imp = _compiled(gmm.impute, res.params, xn.astype(np.float32), covariance_type=ct)
     assert imp.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(imp)))
 
 
@@ -439,9 +460,9 @@ def test_bernoulli_and_linear_gaussian_float32_with_missing_values(rng):
     x = rng.normal(size=(40, 6)).astype(np.float32)
     res = lg.fit(jax.random.key(0), np.where(mask, x, np.nan), 2, noise="diagonal", max_iter=10)
     assert res.params.loadings.dtype == jnp.float32 and np.isfinite(float(res.log_likelihood))
-    got = lg.observed_log_prob(res.params, np.where(mask, x, np.nan))
+    got = _compiled(lg.observed_log_prob, res.params, np.where(mask, x, np.nan))
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), res.params)
-    want = lg.observed_log_prob(p64, np.where(mask, x, np.nan).astype(np.float64))
+    want = _compiled(lg.observed_log_prob, p64, np.where(mask, x, np.nan).astype(np.float64))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, atol=1e-4)  # float32 rounding, as above
 
