@@ -26,6 +26,13 @@ K, D = 3, 2
 LENGTHS = np.array([5, 3, 1, 4])
 T = int(LENGTHS.max())
 
+# Called eagerly, these functions compile every primitive as its own small XLA program (a
+# few dozen per call, again for each new shape); through jit each is one program per shape.
+# Same functions, same results (sampling: the same draws).
+_sample = jax.jit(hmm.sample, static_argnums=(2, 3), static_argnames=("emission",))
+_log_prob = jax.jit(hmm.log_prob, static_argnames=("emission", "parallel"))
+_viterbi = jax.jit(hmm.viterbi, static_argnames=("emission", "parallel"))
+
 
 def _params(rng, emission, k=K, d=D, m=4):
     pi = rng.dirichlet(np.full(k, 3.0))
@@ -198,7 +205,7 @@ def _hmmlearn_batch(seed, lengths):
         jnp.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]),
         hmm.GaussianParams(jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]), jnp.ones((3, 2))),
     )
-    x, _ = hmm.sample(
+    x, _ = _sample(
         jax.random.key(seed), true, len(lengths), int(max(lengths)), emission=hmm.Gaussian("diag")
     )
     return np.asarray(x)
@@ -255,7 +262,7 @@ def test_matches_hmmlearn_categorical():
     for seed, lengths in ((5, np.array([30, 17, 25, 8])), (6, np.array([2, 30, 3, 11]))):
         rng = np.random.default_rng(seed)
         true = _params(rng, emission)
-        x, _ = hmm.sample(jax.random.key(seed), true, len(lengths), int(lengths.max()),
+        x, _ = _sample(jax.random.key(seed), true, len(lengths), int(lengths.max()),
                           emission=emission)  # fmt: skip
         x = np.asarray(x)
         p0 = _params(rng, emission)
@@ -292,7 +299,7 @@ def test_sequential_equals_parallel_long_ragged():
     emission = hmm.Gaussian("diag")
     p = _params(rng, emission, k=4)
     lengths = np.array([32, 1, 17, 25])
-    x, _ = hmm.sample(jax.random.key(1), p, 4, 32, emission=emission)
+    x, _ = _sample(jax.random.key(1), p, 4, 32, emission=emission)
     data = hmm.as_data(np.asarray(x), lengths, emission=emission)
     w = jnp.asarray(rng.uniform(0.5, 2.0, 4))
     _, q0, (v0, sc0), (s0, l0), (f0, _) = _everything(p, data, w, emission, False)
@@ -379,7 +386,12 @@ def _one_step_each(p, g, data, x, w):
     stats, _ = hmm.e_step(p, data, w, emission=emission)
     gm = gmm.model("full")
     gstats, _ = gm.e_step(g, gm.prepare(x), w)
-    return hmm.m_step(stats, None, emission=emission), gm.m_step(gstats, None)
+    return (
+        hmm.log_prob(p, data, emission=emission),
+        gmm.log_prob(g, x, covariance_type="full"),
+        hmm.m_step(stats, None, emission=emission),
+        gm.m_step(gstats, None),
+    )
 
 
 def test_length_one_sequences_are_a_mixture():
@@ -392,12 +404,8 @@ def test_length_one_sequences_are_a_mixture():
     x = rng.normal(size=(50, 1, D)) * 2.0
     data = hmm.as_data(x, emission=emission)
     g = gmm.GMMParams(p.initial, p.emission.means, p.emission.covariances)
-    np.testing.assert_allclose(
-        hmm.log_prob(p, data, emission=emission),
-        gmm.log_prob(g, jnp.asarray(x[:, 0]), covariance_type="full"),
-        rtol=1e-12,
-    )
-    new, gnew = _one_step_each(p, g, data, jnp.asarray(x[:, 0]), jnp.ones(50))
+    ll, gll, new, gnew = _one_step_each(p, g, data, jnp.asarray(x[:, 0]), jnp.ones(50))
+    np.testing.assert_allclose(ll, gll, rtol=1e-12)
     np.testing.assert_allclose(new.initial, gnew.weights, rtol=1e-12)
     np.testing.assert_allclose(new.emission.means, gnew.means, rtol=1e-12)
     np.testing.assert_allclose(new.emission.covariances, gnew.covariances, rtol=1e-12)
@@ -495,7 +503,7 @@ def test_fit_recovers_and_float32():
         jnp.array([[0.9, 0.1], [0.2, 0.8]]),
         hmm.GaussianParams(jnp.array([[-3.0, 0.0], [3.0, 1.0]]), jnp.ones((2, 2))),
     )
-    x, _ = hmm.sample(jax.random.key(0), true, 4, 80, emission=hmm.Gaussian("diag"))
+    x, _ = _sample(jax.random.key(0), true, 4, 80, emission=hmm.Gaussian("diag"))
     for dtype in (np.float32,):  # float64 fits: the hmmlearn tests
         res = hmm.fit(
             jax.random.key(1), np.asarray(x, dtype), 2, emission=hmm.Gaussian("diag"),
@@ -585,7 +593,7 @@ def test_nan_in_padding_is_ignored():
     emission, p, x = _good()
     x = x.copy()
     x[2, 1:] = np.nan  # sequence 2 has length 1
-    ll = hmm.log_prob(p, hmm.as_data(x, LENGTHS, emission=emission), emission=emission)
+    ll = _log_prob(p, hmm.as_data(x, LENGTHS, emission=emission), emission=emission)
     assert np.all(np.isfinite(np.asarray(ll)))
 
 
@@ -602,7 +610,7 @@ def test_generalised_em_cell_of_the_grid():
         jnp.array([[0.9, 0.1], [0.2, 0.8]]),
         hmm.CategoricalParams(jnp.array([[0.8, 0.1, 0.1], [0.1, 0.2, 0.7]])),
     )
-    x, _ = hmm.sample(jax.random.key(0), true, 6, 30, emission=emission)
+    x, _ = _sample(jax.random.key(0), true, 6, 30, emission=emission)
     p0 = hmm.HMMParams(
         jnp.array([0.5, 0.5]),
         jnp.array([[0.6, 0.4], [0.3, 0.7]]),
@@ -722,7 +730,7 @@ def _amortized_setup():
         jnp.array([[0.9, 0.1], [0.2, 0.8]]),
         hmm.CategoricalParams(jnp.array([[0.8, 0.1, 0.1], [0.1, 0.2, 0.7]])),
     )
-    x, _ = hmm.sample(jax.random.key(0), true, 8, 20, emission=emission)
+    x, _ = _sample(jax.random.key(0), true, 8, 20, emission=emission)
     lengths = np.array([20, 7, 13, 1, 20, 16, 4, 11])
     p0 = hmm.HMMParams(
         jnp.array([0.5, 0.5]),
@@ -765,11 +773,13 @@ def test_amortized_cell_of_the_grid_and_its_gaps():
     # 500 Adam steps on this small problem: log p reached to 1e-15 (measured)
     assert np.all(np.abs(gaps["converged"]) < 1e-6)
     n, t = batch.data.mask.shape
-    qs = dict(
-        exact=hmm.posterior(p0, batch.data, emission=emission),
-        uniform=hmm.chain_posterior(jnp.zeros((n, t, 2 + 2 * 2))),
-        encoder=amortized.q_of(state.variables, batch),
-    )
+    qs = jax.jit(
+        lambda variables: dict(
+            exact=hmm.posterior(p0, batch.data, emission=emission),
+            uniform=hmm.chain_posterior(jnp.zeros((n, t, 2 + 2 * 2))),
+            encoder=amortized.q_of(variables, batch),
+        )
+    )(state.variables)
     ref = {name: hmm.inference_gaps(key, p0, q, batch, emission=emission)["amortized"]
            for name, q in qs.items()}  # fmt: skip
     np.testing.assert_allclose(ref["exact"], 0.0, atol=1e-10)
@@ -791,14 +801,14 @@ def test_match_and_permute_states_undo_label_switching():
         errors, _ = hmm.recovery_errors(fitted, true, emission=emission)
         assert set(errors) == {"initial", "transition", *type(true.emission)._fields}
         assert max(errors.values()) == 0.0
-        x, z = hmm.sample(jax.random.key(2), true, 4, T, emission=emission)
+        x, z = _sample(jax.random.key(2), true, 4, T, emission=emission)
         rep = hmm.recovery_report(fitted, true, np.asarray(x), z, LENGTHS, emission=emission)
         data = hmm.as_data(np.asarray(x), LENGTHS, emission=emission)
-        ref_path = np.asarray(hmm.viterbi(true, data, emission=emission)[0])
+        ref_path = np.asarray(_viterbi(true, data, emission=emission)[0])
         np.testing.assert_array_equal(rep.paths, ref_path)
         mask = np.asarray(data.mask)
         assert rep.state_accuracy == np.mean(ref_path[mask] == np.asarray(z)[mask])
-        ll = np.mean(np.asarray(hmm.log_prob(true, data, emission=emission)))
+        ll = np.mean(np.asarray(_log_prob(true, data, emission=emission)))
         assert rep.true_log_likelihood == ll
         _close_trees(rep.params, true, rtol=0, atol=0)
 
@@ -914,7 +924,7 @@ def test_gmm_emissions_against_enumeration(ct):
     rng = np.random.default_rng(30)
     emission = hmm.GaussianMixture(ct, num_mix=2)
     true = _gmm_hmm_params(rng, ct)
-    x, _ = hmm.sample(jax.random.key(3), true, len(GMM_LENGTHS), 8, emission=emission)
+    x, _ = _sample(jax.random.key(3), true, len(GMM_LENGTHS), 8, emission=emission)
     x = np.asarray(x)
     # a start near the truth: 35 points keep all four components proper for three steps
     p0 = _gmm_hmm_params(rng, ct)
@@ -932,7 +942,7 @@ def test_gmm_emissions_against_enumeration(ct):
     data = hmm.as_data(x, GMM_LENGTHS, emission=emission)
     np.testing.assert_allclose(
         float(res.log_likelihood),
-        np.mean(hmm.log_prob(jax.tree_util.tree_map(jnp.asarray, p), data, emission=emission)),
+        np.mean(_log_prob(jax.tree_util.tree_map(jnp.asarray, p), data, emission=emission)),
         rtol=1e-12,
     )
 
@@ -974,7 +984,7 @@ def test_gmm_emissions_against_hmmlearn(ct):
     emission = hmm.GaussianMixture(ct, num_mix=2)
     lengths = np.array([30, 12, 25, 7])
     p = _gmm_hmm_params(rng, ct)
-    x, _ = hmm.sample(jax.random.key(5), p, len(lengths), 30, emission=emission)
+    x, _ = _sample(jax.random.key(5), p, len(lengths), 30, emission=emission)
     x = np.asarray(x)
     flat = np.concatenate([x[i, :length] for i, length in enumerate(lengths)])
     data = hmm.as_data(x, lengths, emission=emission)
@@ -1020,8 +1030,8 @@ def test_gmm_emissions_bad_input_and_one_component():
     one = hmm.GaussianMixture("diag", num_mix=1)
     data = hmm.as_data(x, LENGTHS, emission=one)
     np.testing.assert_allclose(
-        hmm.log_prob(pg, data, emission=one),
-        hmm.log_prob(p, data, emission=hmm.Gaussian("diag")),
+        _log_prob(pg, data, emission=one),
+        _log_prob(p, data, emission=hmm.Gaussian("diag")),
         rtol=1e-12,
     )
     with pytest.raises(ValueError, match="covariance_type"):
@@ -1035,7 +1045,7 @@ def test_gmm_emissions_bad_input_and_one_component():
     with pytest.raises(ValueError, match="dimension"):
         hmm.fit(jax.random.key(0), x, K, emission=one, lengths=LENGTHS, init=wrong_d)
     with pytest.raises(ValueError, match="component responsibilities"):
-        hmm.expected_stats(hmm.posterior(pg, data, emission=one), data, jnp.ones(4), emission=one)
+        hmm.expected_stats(_gmm_posterior(pg, data, emission=one), data, jnp.ones(4), emission=one)
     # tied: one symmetric positive definite (d, d) covariance per state, shape (k, d, d)
     tied = hmm.GaussianMixture("tied", num_mix=2)
     pt = _gmm_hmm_params(rng, "tied", k=K)
