@@ -620,8 +620,10 @@ def test_fit_restarts_are_init_params_vmapped_over_split_keys():
     key = jax.random.key(3)
     res = gmm.fit(key, x, 3, num_init=3, init="kmeans", max_iter=MAX_ITER, tol=1e-8)
     xj = jnp.asarray(x)
+    # jitted, as inside fit (eagerly, k-means compiles each primitive on its own: slower)
+    init = jax.jit(gmm.init_params, static_argnums=(2,), static_argnames=("method",))
     for i, kk in enumerate(jax.random.split(key, 3)):
-        p0 = gmm.init_params(kk, xj, 3, method="kmeans")
+        p0 = init(kk, xj, 3, method="kmeans")
         single = gmm.fit_from_params(p0, xj, max_iter=MAX_ITER, tol=1e-8)
         np.testing.assert_allclose(
             res.restart_log_likelihoods[i], single.log_likelihood, rtol=1e-10
