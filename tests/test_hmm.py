@@ -918,9 +918,11 @@ def test_gmm_emissions_against_enumeration(ct):
     """Three EM iterations of a GMM-HMM (2 states x 2 components) from the same start equal a
     NumPy Baum-Welch whose posteriors enumerate every state path, on a ragged batch: the
     log-likelihood history and the parameters to 1e-8 (float64 sums of the same terms in
-    another order agree to ~1e-14; EM over three steps does not amplify that by 1e6). For
-    ``tied`` the oracle pools the scatters of a state's two components about their new means
-    (the component densities then use the state's covariance)."""
+    another order agree to ~1e-14; EM over three steps does not amplify that by 1e6), after
+    every iteration. For ``tied`` the oracle pools the scatters of a state's two components
+    about their new means (the component densities then use the state's covariance). Each
+    iteration is one ``fit`` with ``max_iter=1``: the program the hmmlearn test below
+    compiles for the same shapes, so the two tests compile one fit per covariance type."""
     rng = np.random.default_rng(30)
     emission = hmm.GaussianMixture(ct, num_mix=2)
     true = _gmm_hmm_params(rng, ct)
@@ -929,16 +931,16 @@ def test_gmm_emissions_against_enumeration(ct):
     # a start near the truth: 35 points keep all four components proper for three steps
     p0 = _gmm_hmm_params(rng, ct)
     p0 = p0._replace(emission=p0.emission._replace(means=true.emission.means + 0.3))
-    res = hmm.fit(
-        jax.random.key(0), x, 2, emission=emission, lengths=GMM_LENGTHS, init=p0, max_iter=3,
-        tol=0.0, reg_covar=0.0,
-    )  # fmt: skip
-    p, hist = p0, []
+    p, ours = p0, p0
     for _ in range(3):
+        res = hmm.fit(
+            jax.random.key(0), x, 2, emission=emission, lengths=GMM_LENGTHS, init=ours,
+            max_iter=1, tol=0.0, reg_covar=0.0,
+        )  # fmt: skip
+        ours = res.params
         ll, p = _gmm_hmm_em_step(p, ct, x, GMM_LENGTHS)
-        hist.append(ll)
-    np.testing.assert_allclose(res.history, hist, rtol=1e-8)
-    _close_trees(res.params, p, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(res.history, [ll], rtol=1e-8)
+        _close_trees(ours, p, rtol=1e-8, atol=1e-10)
     data = hmm.as_data(x, GMM_LENGTHS, emission=emission)
     np.testing.assert_allclose(
         float(res.log_likelihood),
@@ -977,14 +979,14 @@ def test_gmm_emissions_against_hmmlearn(ct):
     start probabilities, transitions, mixture weights and means to 1e-8. Its covariance
     update centres on the *previous* means (see :func:`_hmmlearn_covariance_shift`), so its
     covariances are ours plus that shift, checked to 1e-8; EM's exact update is checked by
-    enumeration above."""
+    enumeration above, on the same shapes (35 points)."""
     from hmmlearn import hmm as hl
 
     rng = np.random.default_rng(31)
     emission = hmm.GaussianMixture(ct, num_mix=2)
-    lengths = np.array([30, 12, 25, 7])
+    lengths = GMM_LENGTHS  # the enumeration test's shapes: one compiled fit for both
     p = _gmm_hmm_params(rng, ct)
-    x, _ = _sample(jax.random.key(5), p, len(lengths), 30, emission=emission)
+    x, _ = _sample(jax.random.key(5), p, len(lengths), 8, emission=emission)
     x = np.asarray(x)
     flat = np.concatenate([x[i, :length] for i, length in enumerate(lengths)])
     data = hmm.as_data(x, lengths, emission=emission)
