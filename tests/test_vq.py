@@ -228,23 +228,27 @@ def test_vqvae_loss_is_reconstruction_plus_vq_terms(rng):
     params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(0)))
     x = jnp.asarray((rng.random((9, 6)) < 0.5).astype(np.float64))
     loss, aux = jax.jit(lambda p: vq.vqvae_loss(p, None, x, model=model))(params)
-    # Oracle: every piece by hand, the nearest codes by brute force.
-    z_e = np.asarray(model.encoder.apply(params.encoder, x)).reshape(18, 2)
+    # Oracle: every piece by hand, the nearest codes by brute force. (The networks and the
+    # functions under test run jitted: eagerly, each primitive compiles on its own.)
+    z_e = np.asarray(jax.jit(model.encoder.apply)(params.encoder, x)).reshape(18, 2)
     codebook = np.asarray(params.vq["params"]["codebook"])
     idx, d2 = _np_nearest(z_e, codebook)
     z_q = codebook[idx].reshape(9, 4)
-    recon = np.asarray(model.decoder.apply(params.decoder, jnp.asarray(z_q), x, method="log_prob"))
+    decode = jax.jit(lambda v, z: model.decoder.apply(v, z, x, method="log_prob"))
+    recon = np.asarray(decode(params.decoder, jnp.asarray(z_q)))
     # codebook + beta * commitment: both are the mean squared distance to the nearest code.
     vq_terms = (1.0 + 0.25) * np.mean(d2[np.arange(18), idx])
     assert float(aux["recon"]) == pytest.approx(recon.mean(), rel=1e-12)
     got_vq = float(aux["vq_loss"])
     assert got_vq == pytest.approx(vq_terms, rel=1e-12)
     assert float(loss) == pytest.approx(-recon.mean() + got_vq, rel=1e-12)
-    _, assigned = vq.vqvae_assign(params, x, model=model)
+    _, assigned = jax.jit(lambda p: vq.vqvae_assign(p, x, model=model))(params)
     np.testing.assert_array_equal(assigned, idx)
-    np.testing.assert_allclose(vq.vqvae_log_likelihood(params, x, model=model), recon, rtol=1e-12)
+    log_lik = jax.jit(lambda p: vq.vqvae_log_likelihood(p, x, model=model))(params)
+    np.testing.assert_allclose(log_lik, recon, rtol=1e-12)
     assert vq.vqvae_elbo(-3.0, groups=2, num_codes=4) == pytest.approx(-3.0 - 2 * np.log(4))
-    samples = vq.vqvae_sample(jax.random.key(1), params, model=model, num=5)
+    sample = jax.jit(lambda k, p: vq.vqvae_sample(k, p, model=model, num=5))
+    samples = sample(jax.random.key(1), params)
     assert samples.shape == (5, 6) and set(np.unique(np.asarray(samples))) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="groups"):
         vq.VQVAE(model.encoder, model.quantizer, model.decoder, 0)
