@@ -195,13 +195,19 @@ def test_amortized_and_mean_field_bound_the_exact_evidence():
     # The density the bound uses is the density of q: importance sampling with q as the
     # proposal recovers log p(w) (a missing Jacobian would shift it), within 5 delta-method
     # standard errors of the log of the mean weight.
-    mean, scale = fit.encoder.apply(fit.params, lda._features(jnp.asarray(x)))
     s = 20_000
-    eps = jax.random.normal(jax.random.key(2), (s, *mean.shape), mean.dtype)
-    log_joint, log_q = lda._ln_terms(
-        eps, mean[None], scale[None], jnp.asarray(topics), jnp.asarray(x)[None], jnp.asarray(alpha)
-    )
-    log_w = np.asarray(log_joint - log_q)
+
+    @jax.jit  # one program (eagerly, each primitive compiles on its own)
+    def log_weights(params):
+        mean, scale = fit.encoder.apply(params, lda._features(jnp.asarray(x)))
+        eps = jax.random.normal(jax.random.key(2), (s, *mean.shape), mean.dtype)
+        log_joint, log_q = lda._ln_terms(
+            eps, mean[None], scale[None], jnp.asarray(topics), jnp.asarray(x)[None],
+            jnp.asarray(alpha),
+        )  # fmt: skip
+        return log_joint - log_q
+
+    log_w = np.asarray(log_weights(fit.params))
     w = np.exp(log_w - log_w.max(0))
     is_est = np.log(w.mean(0)) + log_w.max(0)
     is_se = w.std(0) / (np.sqrt(s) * w.mean(0))
