@@ -1164,6 +1164,7 @@ def e_step(
     return HMMStats(initial, trans, em_stats), ll
 
 
+@functools.partial(jax.jit, static_argnames=("emission", "parallel"))
 def posterior(
     params: HMMParams, data: HMMData, *, emission, parallel: bool = False
 ) -> HMMPosterior:
@@ -1176,6 +1177,7 @@ def posterior(
     return HMMPosterior(gamma, xi)
 
 
+@functools.partial(jax.jit, static_argnames=("emission", "parallel"))
 def log_prob(params: HMMParams, data: HMMData, *, emission, parallel: bool = False) -> Array:
     """(n,) :math:`\\log p(x^{(n)}_{1:T_n})` (the forward pass only)."""
     lb = emission_log_likelihood(params, data, emission=emission)
@@ -1533,6 +1535,7 @@ def _viterbi_parallel(log_pi, log_a, lb, mask):
     return jnp.argmax(fwd + bwd, axis=-1), score
 
 
+@functools.partial(jax.jit, static_argnames=("emission", "parallel"))
 def viterbi(
     params: HMMParams, data: HMMData, *, emission, parallel: bool = False
 ) -> tuple[Int[Array, "n t"], Float[Array, " n"]]:
@@ -1550,6 +1553,7 @@ def viterbi(
     return jnp.where(data.mask, path, -1), score
 
 
+@functools.partial(jax.jit, static_argnames=("emission", "parallel"))
 def filter_marginals(
     params: HMMParams, data: HMMData, *, emission, parallel: bool = False
 ) -> tuple[Float[Array, "n t k"], Float[Array, " n"]]:
@@ -1575,6 +1579,13 @@ def sample(
       ``(x, z)``: observations (n, t, ...) and states (n, t).
     """
     key = _checks.as_key(key)
+    num_sequences = _checks.check_positive_int(num_sequences, name="num_sequences")
+    length = _checks.check_positive_int(length, name="length")
+    return _sample(key, params, num_sequences, length, emission=emission)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3), static_argnames=("emission",))
+def _sample(key, params, num_sequences, length, *, emission):
     key_z, key_x = jax.random.split(key)
     log_a = jnp.log(params.transition)
     k0, kr = jax.random.split(key_z)
