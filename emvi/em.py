@@ -399,7 +399,7 @@ def run_em(
 def _check_settings(*, max_iter, tol, chunk_size, name_iter: str = "max_iter") -> None:
     """Loop settings. ``max_iter`` and ``chunk_size`` are static, so checked even under jit."""
     _checks.check_positive_int(max_iter, name=name_iter)
-    if _checks.is_concrete(tol) and jnp.ndim(tol) == 0:
+    if tol is None or (_checks.is_concrete(tol) and jnp.ndim(tol) == 0):
         _checks.check_nonnegative(tol, name="tol")
     if chunk_size is not None:
         _checks.check_positive_int(chunk_size, name="chunk_size")
