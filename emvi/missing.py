@@ -177,7 +177,7 @@ def check_labels(labels, num_points: int, num_components: int, dtype) -> Labelle
         ``[-1, k)``, a row that is neither a distribution nor all NaN.
 
     Example:
-      >>> lab = check_labels(np.array([1, -1]), 2, 3, np.float64)
+      >>> lab = check_labels(np.array([1, -1]), 2, 3, np.float32)
       >>> lab.label_probs[0].tolist(), lab.labelled.tolist()
       ([0.0, 1.0, 0.0], [True, False])
     """
