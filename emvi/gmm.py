@@ -623,15 +623,14 @@ def _folded_e_step(
     ``(W (q, r k), c (1, r k), const (r, k))``."""
     w_all, c, const = folded
     features = data.features
-    n, q = features.shape
+    n = features.shape[0]
     r, k = const.shape
     quad = jnp.maximum(features @ w_all + c, 0.0)
     lj = (const.reshape(1, r * k) - 0.5 * quad).reshape(n, r, k)
     ll = jax.nn.logsumexp(lj, axis=2)  # (n, r)
     resp = jax.nn.softmax(lj, axis=2) * weights[:, None, None]
-    t = (resp.reshape(n, r * k).T @ features).reshape(r, k, q)
-    m = q - dim
-    stats = GMMStats(jnp.sum(resp, axis=0), t[:, :, m:], t[:, :, :m])
+    flat = _stats_from_resp(resp.reshape(n, r * k), features, dim)  # components rho*k + j
+    stats = jax.tree_util.tree_map(lambda a: a.reshape(r, k, *a.shape[1:]), flat)
     return stats, jnp.sum(weights[:, None] * ll, axis=0)
 
 
