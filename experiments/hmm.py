@@ -218,14 +218,11 @@ def plot(workdir) -> list[Path]:
     )
     names = [key.removeprefix("gap_test_") for key in a.files if key.startswith("gap_test_")]
     floor = 1e-6
-    labels = {"amortized": "encoder q", "refined_": "encoder q + {} local steps"}
-    labels["local_"] = "{} local steps from the uniform chain"
 
-    def label(name):
-        for prefix, text in labels.items():
-            if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
-                return text.format(name.removeprefix(prefix))
-        return name
+    def label(name):  # amortized, refined_<steps>, local_<steps>
+        kind, _, steps = name.partition("_")
+        texts = dict(refined=f"encoder q + {steps} local steps", amortized="encoder q")
+        return texts.get(kind, f"{steps} local steps from the uniform chain")
 
     ranked = plotting.ranked_values_figure(
         {label(n): np.maximum(np.sort(a[f"gap_test_{n}"])[::-1], floor) for n in names},
